@@ -1,0 +1,1 @@
+"""biasmap: discover and mitigate social bias in Stable Diffusion via cross-attention maps."""

@@ -1,0 +1,1 @@
+"""Public biasmap ops (being written)."""
