@@ -381,7 +381,10 @@ def test_soft_masks_in_unit_interval_and_iou_bounded(backend, solver):
     assert ma.min() >= 0 and ma.max() <= 1
     if solver == "exact":
         torch.testing.assert_close(
-            ma.sum(-1).double().cpu(), torch.full((3,), 1229.0, dtype=torch.float64), rtol=1e-4, atol=0
+            ma.sum(-1).double().cpu(),
+            torch.full((3,), 1229.0, dtype=torch.float64),
+            rtol=1e-4,
+            atol=0,
         )
     iou = ops.soft_iou(ma, mb, backend=backend)
     assert ((iou >= 0) & (iou <= 1)).all()
