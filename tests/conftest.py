@@ -7,7 +7,13 @@ import os
 import pytest
 import torch
 
-from biasmap.ops import backends
+# Without a GPU the Triton kernels run in triton's CPU interpreter, so that the one test command
+# covers them. Triton reads the variable when it is imported (and when kernels are decorated),
+# hence before anything imports biasmap's kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from biasmap.ops import backends  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -25,15 +31,37 @@ def backend_params(op: str) -> list:
     """pytest params over every backend; unavailable ones are skipped with their reason."""
     params = []
     for name, backend in backends.BACKENDS.items():
-        device = "cuda" if name == "cuda" else "cpu"
-        reason = backend.unsupported(op, torch.device(device), torch.float32)
+        reason = backend.unsupported(op, torch.device(device_of(name)), torch.float32)
         marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
         params.append(pytest.param(name, id=name, marks=marks))
     return params
 
 
 def device_of(backend: str) -> str:
-    return "cuda" if backend == "cuda" else "cpu"
+    """Where a backend's test tensors live: cuda for "cuda", and for "triton" unless it runs in
+    the interpreter (TRITON_INTERPRET=1, CPU tensors); cpu otherwise."""
+    if backend == "cuda":
+        return "cuda"
+    if backend == "triton":
+        return "cpu" if interpreted("triton") else "cuda"
+    return "cpu"
+
+
+def interpreted(backend: str) -> bool:
+    """Whether `backend` runs in the Triton interpreter here (about 150x slower than torch)."""
+    if backend != "triton":
+        return False
+    from biasmap.kernels import triton as triton_kernels
+
+    return triton_kernels.interpreting()
+
+
+def gradcheck_options(backend: str) -> dict:
+    """Extra torch.autograd.gradcheck arguments per backend. An interpreted backend checks one
+    random projection of the Jacobian (fast_mode): the full numerical Jacobian costs two
+    interpreted forwards per input element, minutes per case. Its full gradients are still
+    compared with the reference's autograd in test_gradients_match_reference_autograd."""
+    return {"fast_mode": True} if interpreted(backend) else {}
 
 
 def extension_expected() -> bool:

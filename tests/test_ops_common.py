@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import assert_close_2x, backend_params, device_of, extension_expected
+from conftest import (
+    assert_close_2x,
+    backend_params,
+    device_of,
+    extension_expected,
+    gradcheck_options,
+)
 
 from biasmap import ops
 from biasmap.ops import backends, native
@@ -315,7 +321,9 @@ def test_gradcheck_float64(case, backend):
             rebuilt[name] = [next(it) for _ in value] if isinstance(value, list) else next(it)
         return case.run(backend, **rebuilt)
 
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(
+        fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-4, **gradcheck_options(backend)
+    )
 
 
 @pytest.mark.skipif(native.LOAD_ERROR is not None, reason="compiled extension not loaded")

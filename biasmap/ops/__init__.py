@@ -2,8 +2,9 @@
 
 Every op validates its inputs, then runs on the backend chosen by `backend`:
 "auto" (the fastest capable one), "reference" (pure PyTorch, biasmap.ops.reference),
-"cpu" (C++ kernels) or "cuda" (CUDA kernels). `biasmap info` lists what is available.
-Differentiable ops have hand-written backward passes on the compiled backends.
+"cpu" (C++ kernels), "cuda" (CUDA kernels) or "triton" (Triton kernels: CUDA tensors, or
+CPU tensors under TRITON_INTERPRET=1). `biasmap info` lists what is available.
+Differentiable ops have hand-written backward passes on the compiled and Triton backends.
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ __all__ = [
 ]
 
 
-def _native():
+def _kernels(backend: str):
+    """The op namespace of a kernel backend: biasmap (cpu/cuda, same schemas) or biasmap_triton."""
+    if backend == "triton":
+        from biasmap.kernels import triton as triton_kernels
+
+        return triton_kernels.load()
     return torch.ops.biasmap
 
 
@@ -54,10 +60,10 @@ def attention_slice(
     _checks.attention_slice_args(q, k, token_index, num_heads, scale, key_mask)
     if scale is None:
         scale = (q.shape[-1] // num_heads) ** -0.5
-    name = select("attention_slice", backend, q.device, q.dtype)
+    name = select("attention_slice", backend, q.device, q.dtype, q.numel())
     if name == "reference":
         return reference.attention_slice(q, k, token_index, num_heads, scale, key_mask)
-    out, _ = _native().attention_slice_fwd(
+    out, _ = _kernels(name).attention_slice_fwd(
         q, k, token_index.to(q.device), num_heads, float(scale), key_mask
     )
     return out
@@ -77,10 +83,11 @@ def resize_aggregate(
     """
     out_h, out_w = _checks.resize_aggregate_args(maps, size)
     first = maps[0]
-    name = select("resize_aggregate", backend, first.device, first.dtype)
+    size_out = first.shape[0] * first.shape[1] * out_h * out_w * (len(maps) if per_map else 1)
+    name = select("resize_aggregate", backend, first.device, first.dtype, size_out)
     if name == "reference":
         return reference.resize_aggregate(maps, (out_h, out_w), per_map)
-    return _native().resize_aggregate_fwd(list(maps), out_h, out_w, per_map)
+    return _kernels(name).resize_aggregate_fwd(list(maps), out_h, out_w, per_map)
 
 
 def soft_topk(
@@ -102,13 +109,13 @@ def soft_topk(
     [0, 1] first (y), "none" uses x as is. Returns [B, n] in [0, 1].
     """
     _checks.soft_topk_args(x, k, tau, solver, iters, normalize)
-    name = select("soft_topk", backend, x.device, x.dtype)
+    name = select("soft_topk", backend, x.device, x.dtype, x.numel())
     if name == "reference":
         return reference.soft_topk(x, k, tau, solver, iters, normalize)
     minmax = normalize == "minmax"
     if solver == "exact":
-        return _native().soft_topk_exact_fwd(x, k, float(tau), minmax)[0]
-    return _native().soft_topk_sinkhorn_fwd(x, k, float(tau), iters, minmax)[0]
+        return _kernels(name).soft_topk_exact_fwd(x, k, float(tau), minmax)[0]
+    return _kernels(name).soft_topk_sinkhorn_fwd(x, k, float(tau), iters, minmax)[0]
 
 
 def soft_iou(
@@ -116,10 +123,10 @@ def soft_iou(
 ) -> torch.Tensor:
     """SoftIoU of soft masks a, b [B, n] -> [B]: sum(ab) / (sum a + sum b - sum(ab) + eps)."""
     _checks.soft_iou_args(a, b, eps)
-    name = select("soft_iou", backend, a.device, a.dtype)
+    name = select("soft_iou", backend, a.device, a.dtype, a.numel())
     if name == "reference":
         return reference.soft_iou(a, b, eps)
-    return _native().soft_iou_fwd(a, b, float(eps))[0]
+    return _kernels(name).soft_iou_fwd(a, b, float(eps))[0]
 
 
 def entanglement_energy(
@@ -162,19 +169,19 @@ def quantile_mask(
     np.percentile with `>` (inclusive=False). No gradient.
     """
     _checks.quantile_mask_args(x, q)
-    name = select("quantile_mask", backend, x.device, x.dtype)
+    name = select("quantile_mask", backend, x.device, x.dtype, x.numel())
     if name == "reference":
         return reference.quantile_mask(x, q, inclusive)
-    return _native().quantile_mask(x, float(q), bool(inclusive))
+    return _kernels(name).quantile_mask(x, float(q), bool(inclusive))
 
 
 def mask_iou(a: torch.Tensor, b: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """IoU of bool masks a, b [B, n] -> float32 [B]; 0 where both masks are empty."""
     _checks.mask_iou_args(a, b)
-    name = select("mask_iou", backend, a.device, torch.float32)
+    name = select("mask_iou", backend, a.device, torch.float32, a.numel())
     if name == "reference":
         return reference.mask_iou(a, b)
-    return _native().mask_iou(a, b)
+    return _kernels(name).mask_iou(a, b)
 
 
 def topk_count(n: int, q: float) -> int:

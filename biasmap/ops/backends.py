@@ -4,6 +4,10 @@ Every backend declares, per op, whether it can run at all in this process and
 whether it supports given inputs (device, dtype). `backend="auto"` takes the first
 capable backend in the device's preference order; a forced backend that cannot run
 raises an error listing every backend's reason.
+
+On CUDA tensors "cuda" and "triton" compete: CUDA_AUTO_PREFERENCE says, per op and
+problem size, which goes first (see there). On CPU tensors auto never picks "triton":
+its CPU mode is the Triton interpreter, which exists for tests.
 """
 
 from __future__ import annotations
@@ -92,26 +96,85 @@ class NativeBackend(Backend):
         return None
 
 
+@dataclass(frozen=True)
+class TritonBackend(Backend):
+    """The Triton kernels in biasmap.kernels.triton (ops in the biasmap_triton namespace).
+
+    Runs on CUDA tensors with a GPU, or on CPU tensors under TRITON_INTERPRET=1 (the
+    interpreter, for tests). Importing triton waits until a caller asks.
+    """
+
+    @property
+    def device_type(self) -> str:
+        from biasmap.kernels import triton as triton_kernels
+
+        return triton_kernels.device_type()
+
+    def unavailable(self, op):
+        from biasmap.kernels import triton as triton_kernels
+
+        return triton_kernels.unavailable_reason()
+
+    def unsupported(self, op, device, dtype):
+        reason = self.unavailable(op)
+        if reason is not None:
+            return reason
+        if device.type != self.device_type:
+            if self.device_type == "cpu":
+                return f"under TRITON_INTERPRET=1 triton runs on cpu tensors, got {device.type}"
+            return f"runs on cuda tensors, got {device.type}"
+        if op not in ("mask_iou",) and dtype not in FLOAT_DTYPES:
+            return f"dtype {dtype} is not supported"
+        return None
+
+
 BACKENDS: dict[str, Backend] = {
     "cpu": NativeBackend("cpu", device_type="cpu"),
     "cuda": NativeBackend("cuda", device_type="cuda"),
+    "triton": TritonBackend("triton"),
     "reference": ReferenceBackend("reference"),
 }
-# Fastest first; the reference path is always last.
+# Fastest first; the reference path is always last. CUDA's order is per op and size (below).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "reference"),
-    "cuda": ("cuda", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
 }
 
+# backend="auto" on CUDA tensors: which of "cuda" and "triton" goes first, per op, as a function
+# of the problem size (`size` in select(): the element count of the op's main input, e.g. q for
+# attention_slice, x for soft_topk, the output for resize_aggregate). Each entry lists
+# (largest size, backend) pairs in increasing size; the first pair whose bound is >= size
+# decides, None meaning no bound. An op that is missing, or a size past every bound, keeps
+# "cuda" first. bench/ measurements on a GPU fill this table; until then CUDA goes first
+# everywhere. The other backend stays the fallback when the first cannot run.
+# Example: {"attention_slice": ((1 << 20, "cuda"), (None, "triton"))}.
+CUDA_AUTO_PREFERENCE: dict[str, tuple[tuple[int | None, str], ...]] = {}
 
-def select(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+
+def auto_order(op: str, device: torch.device, size: int | None = None) -> tuple[str, ...]:
+    """Backends `backend="auto"` tries, in order, for `op` on `device` at problem `size`."""
+    order = AUTO_ORDER.get(device.type, ("reference",))
+    if device.type != "cuda" or size is None:
+        return order
+    first = "cuda"
+    for bound, name in CUDA_AUTO_PREFERENCE.get(op, ()):
+        if bound is None or size <= bound:
+            first = name
+            break
+    return (first, *(name for name in order if name != first))
+
+
+def select(
+    op: str, backend: str, device: torch.device, dtype: torch.dtype, size: int | None = None
+) -> str:
     """Name of the backend that runs `op` for inputs on `device` with `dtype`.
 
-    backend: "auto" or a name in BACKENDS. Raises ValueError for an unknown name and
-    RuntimeError, listing every backend's reason, when the requested one cannot run.
+    backend: "auto" or a name in BACKENDS; size: the problem size that CUDA_AUTO_PREFERENCE
+    reads (None: unknown). Raises ValueError for an unknown name and RuntimeError, listing
+    every backend's reason, when the requested one cannot run.
     """
     if backend == "auto":
-        for name in AUTO_ORDER.get(device.type, ("reference",)):
+        for name in auto_order(op, device, size):
             if BACKENDS[name].unsupported(op, device, dtype) is None:
                 return name
         return "reference"

@@ -1,0 +1,537 @@
+"""Triton attention slice: concept columns of the per-head key softmax, summed over heads.
+
+Shapes: q [B, N, H*d], k [Kb, L, H*d] (Kb = B or 1), token_index long [T], key_mask bool
+[Mb, L] (Mb = B or 1, True = key takes part). out [B, T, N]; lse [B, H, N] (float32, float64
+for float64 inputs) is saved for the backward.
+
+Forward: one program per (query block, batch). For each head it streams over the keys in
+[BLOCK_N, BLOCK_L] score tiles with a running max and sum per query row (online softmax), so
+[B, H, N, L] never exists; then the T concept columns are exp(s_tok - lse), summed over heads.
+
+Backward, with p = exp(s - lse), G_l = sum_t g_t [tok_t == l] and D = sum_t g_t p_tok_t:
+ds = p (G - D), dq = scale ds @ k, dk = scale ds^T @ q.
+- dq kernel: one program per (query block, head, batch) over all keys; it also stores D.
+- dk kernel: one program per (key block, head, k batch, split); a split sums ds^T q over a
+  contiguous range of query blocks (of every batch when k is broadcast) into a float partial
+  [SPLIT, Kb, L, H*d], and one torch sum over the splits finishes it: deterministic, no
+  atomics, and enough programs to fill a GPU even though L (77) is small.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from ._common import INTERPRET, Tuned, acc_dtype, pow2, tl_acc
+
+# A query block must not be so large that [BLOCK_N, BLOCK_D] tiles spill; the key block covers
+# CLIP's 77 tokens in one step.
+MAX_BLOCK_L = 128
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    tok_ptr,
+    mask_ptr,
+    out_ptr,
+    lse_ptr,
+    scale: tl.float64,
+    N,
+    L,
+    T,
+    H,
+    HEAD_DIM,
+    stride_qb,
+    stride_qn,
+    stride_kb,
+    stride_kl,
+    stride_mb,
+    stride_ob,
+    stride_ot,
+    stride_lb,
+    stride_lh,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_t = tl.arange(0, BLOCK_T)
+    t_ok = offs_t < T
+    tok = tl.load(tok_ptr + offs_t, mask=t_ok, other=0)
+    mask_row = b * stride_mb
+    tok_keep = t_ok
+    if HAS_MASK:
+        tok_keep = tok_keep & (tl.load(mask_ptr + mask_row + tok, mask=t_ok, other=0) != 0)
+    sc = tl.full([], scale, tl.float64).to(ACC)
+    q_base = q_ptr + b * stride_qb
+    k_base = k_ptr + b * stride_kb
+    acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=ACC)
+    for h in range(H):
+        col = h * HEAD_DIM + offs_d
+        q = tl.load(
+            q_base + offs_n[:, None] * stride_qn + col[None, :],
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        m_i = tl.full([BLOCK_N], float("-inf"), ACC)
+        l_i = tl.zeros([BLOCK_N], ACC)
+        for l0 in range(0, L, BLOCK_L):
+            offs_l = l0 + tl.arange(0, BLOCK_L)
+            keep = offs_l < L
+            if HAS_MASK:
+                keep = keep & (tl.load(mask_ptr + mask_row + offs_l, mask=keep, other=0) != 0)
+            kt = tl.load(
+                k_base + offs_l[None, :] * stride_kl + col[:, None],
+                mask=d_ok[:, None] & (offs_l < L)[None, :],
+                other=0.0,
+            )
+            s = tl.dot(q, kt, input_precision="ieee").to(ACC) * sc
+            s = tl.where(keep[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row whose keys so far are all masked keeps max -inf; shifting by 0 instead
+            # avoids exp(-inf - -inf) = nan while its sum stays 0.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+        lse = m_i + tl.log(l_i)
+        tl.store(lse_ptr + b * stride_lb + h * stride_lh + offs_n, lse, mask=n_ok)
+        kt_tok = tl.load(
+            k_base + tok[None, :] * stride_kl + col[:, None],
+            mask=d_ok[:, None] & t_ok[None, :],
+            other=0.0,
+        )
+        s_tok = tl.dot(q, kt_tok, input_precision="ieee").to(ACC) * sc
+        acc += tl.where(tok_keep[None, :], tl.exp(s_tok - lse[:, None]), 0.0)
+    tl.store(
+        out_ptr + b * stride_ob + offs_t[None, :] * stride_ot + offs_n[:, None],
+        acc,
+        mask=n_ok[:, None] & t_ok[None, :],
+    )
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    g_ptr,
+    q_ptr,
+    k_ptr,
+    tok_ptr,
+    mask_ptr,
+    lse_ptr,
+    dq_ptr,
+    delta_ptr,
+    scale: tl.float64,
+    N,
+    L,
+    T,
+    HEAD_DIM,
+    stride_gb,
+    stride_gt,
+    stride_qb,
+    stride_qn,
+    stride_kb,
+    stride_kl,
+    stride_mb,
+    stride_lb,
+    stride_lh,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_t = tl.arange(0, BLOCK_T)
+    t_ok = offs_t < T
+    tok = tl.load(tok_ptr + offs_t, mask=t_ok, other=0)
+    mask_row = b * stride_mb
+    tok_keep = t_ok
+    if HAS_MASK:
+        tok_keep = tok_keep & (tl.load(mask_ptr + mask_row + tok, mask=t_ok, other=0) != 0)
+    sc = tl.full([], scale, tl.float64).to(ACC)
+    col = h * HEAD_DIM + offs_d
+    k_base = k_ptr + b * stride_kb
+    q = tl.load(
+        q_ptr + b * stride_qb + offs_n[:, None] * stride_qn + col[None, :],
+        mask=n_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    lse_off = b * stride_lb + h * stride_lh + offs_n
+    lse = tl.load(lse_ptr + lse_off, mask=n_ok, other=0.0)
+    g = tl.load(
+        g_ptr + b * stride_gb + offs_t[None, :] * stride_gt + offs_n[:, None],
+        mask=n_ok[:, None] & t_ok[None, :],
+        other=0.0,
+    ).to(ACC)
+    kt_tok = tl.load(
+        k_base + tok[None, :] * stride_kl + col[:, None],
+        mask=d_ok[:, None] & t_ok[None, :],
+        other=0.0,
+    )
+    s_tok = tl.dot(q, kt_tok, input_precision="ieee").to(ACC) * sc
+    p_tok = tl.where(tok_keep[None, :], tl.exp(s_tok - lse[:, None]), 0.0)
+    delta = tl.sum(g * p_tok, axis=1)
+    tl.store(delta_ptr + lse_off, delta, mask=n_ok)
+    dq = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    for l0 in range(0, L, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        keep = offs_l < L
+        if HAS_MASK:
+            keep = keep & (tl.load(mask_ptr + mask_row + offs_l, mask=keep, other=0) != 0)
+        kt = tl.load(
+            k_base + offs_l[None, :] * stride_kl + col[:, None],
+            mask=d_ok[:, None] & (offs_l < L)[None, :],
+            other=0.0,
+        )
+        s = tl.dot(q, kt, input_precision="ieee").to(ACC) * sc
+        p = tl.where(keep[None, :], tl.exp(s - lse[:, None]), 0.0)
+        # G scatters the T upstream columns onto their key positions (repeats add up).
+        onehot = ((tok[:, None] == offs_l[None, :]) & t_ok[:, None]).to(ACC)
+        big_g = tl.dot(g, onehot, input_precision="ieee")
+        ds = p * (big_g - delta[:, None])
+        dq += tl.dot(ds, tl.trans(kt).to(ACC), input_precision="ieee")
+    tl.store(
+        dq_ptr + b * stride_qb + offs_n[:, None] * stride_qn + col[None, :],
+        dq * sc,
+        mask=n_ok[:, None] & d_ok[None, :],
+    )
+
+
+@triton.jit
+def _attn_bwd_dk_kernel(
+    g_ptr,
+    q_ptr,
+    k_ptr,
+    tok_ptr,
+    mask_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    scale: tl.float64,
+    N,
+    L,
+    T,
+    HEAD_DIM,
+    REPS,
+    SPLIT,
+    stride_gb,
+    stride_gt,
+    stride_qb,
+    stride_qn,
+    stride_kb,
+    stride_kl,
+    stride_mb,
+    stride_lb,
+    stride_lh,
+    stride_ds,
+    stride_db,
+    stride_dl,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    pid_l = tl.program_id(0)
+    h = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    kb = pid_s // SPLIT
+    split = pid_s % SPLIT
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    l_in = offs_l < L
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_t = tl.arange(0, BLOCK_T)
+    t_ok = offs_t < T
+    tok = tl.load(tok_ptr + offs_t, mask=t_ok, other=0)
+    onehot = ((tok[:, None] == offs_l[None, :]) & t_ok[:, None]).to(ACC)
+    sc = tl.full([], scale, tl.float64).to(ACC)
+    col = h * HEAD_DIM + offs_d
+    kt = tl.load(
+        k_ptr + kb.to(tl.int64) * stride_kb + offs_l[None, :] * stride_kl + col[:, None],
+        mask=d_ok[:, None] & l_in[None, :],
+        other=0.0,
+    )
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    total = REPS * n_blocks
+    per_split = tl.cdiv(total, SPLIT)
+    j_start = split * per_split
+    j_end = tl.minimum(j_start + per_split, total)
+    dk = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC)
+    for j in range(j_start, j_end):
+        # k batch kb serves query batch b: itself when k has one row per batch, every batch
+        # (REPS = B) when k is broadcast.
+        b = (kb * REPS + j // n_blocks).to(tl.int64)
+        offs_n = (j % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        keep = l_in
+        if HAS_MASK:
+            keep = keep & (tl.load(mask_ptr + b * stride_mb + offs_l, mask=l_in, other=0) != 0)
+        q = tl.load(
+            q_ptr + b * stride_qb + offs_n[:, None] * stride_qn + col[None, :],
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        lse_off = b * stride_lb + h * stride_lh + offs_n
+        lse = tl.load(lse_ptr + lse_off, mask=n_ok, other=0.0)
+        delta = tl.load(delta_ptr + lse_off, mask=n_ok, other=0.0)
+        g = tl.load(
+            g_ptr + b * stride_gb + offs_t[None, :] * stride_gt + offs_n[:, None],
+            mask=n_ok[:, None] & t_ok[None, :],
+            other=0.0,
+        ).to(ACC)
+        s = tl.dot(q, kt, input_precision="ieee").to(ACC) * sc
+        p = tl.where(keep[None, :] & n_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+        big_g = tl.dot(g, onehot, input_precision="ieee")
+        ds = p * (big_g - delta[:, None])
+        dk += tl.dot(tl.trans(ds), q.to(ACC), input_precision="ieee")
+    tl.store(
+        dk_ptr
+        + split.to(tl.int64) * stride_ds
+        + kb.to(tl.int64) * stride_db
+        + offs_l[:, None] * stride_dl
+        + col[None, :],
+        dk * sc,
+        mask=l_in[:, None] & d_ok[None, :],
+    )
+
+
+def _configs(block_ns, warps):
+    return [
+        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=2) for bn in block_ns for w in warps
+    ]
+
+
+# Autotuned on a GPU (keyed on the shape); the interpreter runs the fixed config, large so that
+# few programs run (each op of each program costs ~0.3 ms of Python there). Kernels call no
+# @triton.jit helpers inside loops for the same reason: each call re-patches triton.language in
+# the interpreter (~5 ms).
+_fwd = Tuned(
+    _attn_fwd_kernel,
+    _configs((16, 32, 64, 128), (4, 8)),
+    key=["N", "L", "T", "HEAD_DIM", "H"],
+    fixed={"BLOCK_N": 1024},
+)
+_bwd_dq = Tuned(
+    _attn_bwd_dq_kernel,
+    _configs((16, 32, 64, 128), (4, 8)),
+    key=["N", "L", "T", "HEAD_DIM"],
+    fixed={"BLOCK_N": 1024},
+)
+_bwd_dk = Tuned(
+    _attn_bwd_dk_kernel,
+    _configs((32, 64, 128), (4, 8)),
+    key=["N", "L", "T", "HEAD_DIM", "REPS", "SPLIT"],
+    fixed={"BLOCK_N": 1024},
+)
+
+
+def dk_splits(k_batch: int, reps: int, n_query: int, heads: int, key_blocks: int, device) -> int:
+    """How many query ranges the dk reduction is split into: enough programs for about two per
+    SM, never more ranges than 16-query blocks. One under the interpreter (nothing to fill)."""
+    if INTERPRET or device.type != "cuda":
+        return 1
+    programs = k_batch * heads * key_blocks
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, programs), reps * triton.cdiv(n_query, 16)))
+
+
+def _blocks(k: torch.Tensor, n_tokens: int, head_dim: int) -> dict:
+    return {
+        "BLOCK_L": min(pow2(k.shape[1]), MAX_BLOCK_L),
+        "BLOCK_D": pow2(head_dim),
+        "BLOCK_T": pow2(n_tokens),
+    }
+
+
+def _mask_args(key_mask: torch.Tensor | None, placeholder: torch.Tensor):
+    if key_mask is None:
+        return placeholder, 0, False
+    key_mask = key_mask.contiguous()
+    return key_mask, (0 if key_mask.shape[0] == 1 else key_mask.stride(0)), True
+
+
+@triton_op("biasmap_triton::attention_slice_fwd", mutates_args=())
+def attention_slice_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    token_index: torch.Tensor,
+    num_heads: int,
+    scale: float,
+    key_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, N, H*d], k [B|1, L, H*d], token_index long [T], key_mask bool [B|1, L] or None
+    -> (out [B, T, N] in q's dtype, lse [B, H, N] in the accumulation dtype)."""
+    q, k, token_index = q.contiguous(), k.contiguous(), token_index.contiguous()
+    batch, n_query, inner = q.shape
+    head_dim = inner // num_heads
+    n_tokens = token_index.shape[0]
+    out = q.new_empty(batch, n_tokens, n_query)
+    lse = q.new_empty(batch, num_heads, n_query, dtype=acc_dtype(q.dtype))
+    mask, stride_mb, has_mask = _mask_args(key_mask, token_index)
+    _fwd[lambda meta: (triton.cdiv(n_query, meta["BLOCK_N"]), batch)](
+        q,
+        k,
+        token_index,
+        mask,
+        out,
+        lse,
+        float(scale),
+        n_query,
+        k.shape[1],
+        n_tokens,
+        num_heads,
+        head_dim,
+        q.stride(0),
+        q.stride(1),
+        0 if k.shape[0] == 1 else k.stride(0),
+        k.stride(1),
+        stride_mb,
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        lse.stride(1),
+        HAS_MASK=has_mask,
+        ACC=tl_acc(q.dtype),
+        **_blocks(k, n_tokens, head_dim),
+    )
+    return out, lse
+
+
+@triton_op("biasmap_triton::attention_slice_bwd", mutates_args=())
+def attention_slice_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    token_index: torch.Tensor,
+    num_heads: int,
+    scale: float,
+    key_mask: torch.Tensor | None,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad_out [B, T, N] and the forward's inputs and lse -> (grad_q like q, grad_k like k)."""
+    grad_out = grad_out.contiguous()
+    q, k, token_index, lse = (
+        q.contiguous(),
+        k.contiguous(),
+        token_index.contiguous(),
+        lse.contiguous(),
+    )
+    batch, n_query, inner = q.shape
+    k_batch, n_keys, _ = k.shape
+    head_dim = inner // num_heads
+    n_tokens = token_index.shape[0]
+    acc = acc_dtype(q.dtype)
+    mask, stride_mb, has_mask = _mask_args(key_mask, token_index)
+    blocks = _blocks(k, n_tokens, head_dim)
+    grad_q = torch.empty_like(q)
+    delta = torch.empty_like(lse)
+    stride_kb = 0 if k_batch == 1 else k.stride(0)
+    common = dict(HAS_MASK=has_mask, ACC=tl_acc(q.dtype), **blocks)
+    _bwd_dq[lambda meta: (triton.cdiv(n_query, meta["BLOCK_N"]), num_heads, batch)](
+        grad_out,
+        q,
+        k,
+        token_index,
+        mask,
+        lse,
+        grad_q,
+        delta,
+        float(scale),
+        n_query,
+        n_keys,
+        n_tokens,
+        head_dim,
+        grad_out.stride(0),
+        grad_out.stride(1),
+        q.stride(0),
+        q.stride(1),
+        stride_kb,
+        k.stride(1),
+        stride_mb,
+        lse.stride(0),
+        lse.stride(1),
+        **common,
+    )
+    reps = batch // k_batch
+    key_blocks = triton.cdiv(n_keys, blocks["BLOCK_L"])
+    split = dk_splits(k_batch, reps, n_query, num_heads, key_blocks, q.device)
+    # One split writes the gradient directly; several write float partials summed below.
+    if split == 1:
+        partial = q.new_empty(k_batch, n_keys, inner, dtype=acc)
+        stride_split = 0
+    else:
+        partial = q.new_empty(split, k_batch, n_keys, inner, dtype=acc)
+        stride_split = partial.stride(0)
+    _bwd_dk[lambda meta: (key_blocks, num_heads, k_batch * split)](
+        grad_out,
+        q,
+        k,
+        token_index,
+        mask,
+        lse,
+        delta,
+        partial,
+        float(scale),
+        n_query,
+        n_keys,
+        n_tokens,
+        head_dim,
+        reps,
+        split,
+        grad_out.stride(0),
+        grad_out.stride(1),
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        stride_mb,
+        lse.stride(0),
+        lse.stride(1),
+        stride_split,
+        partial.stride(-3),
+        partial.stride(-2),
+        **common,
+    )
+    grad_k = partial.sum(dim=0) if split > 1 else partial
+    return grad_q, grad_k.to(k.dtype)
+
+
+def _setup(ctx, inputs, output):
+    q, k, token_index, num_heads, scale, key_mask = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(q, k, token_index, key_mask, output[1])
+    ctx.num_heads, ctx.scale = num_heads, scale
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, token_index, key_mask, lse = ctx.saved_tensors
+    # Upstream gradients can be stride-0 expanded views (x.sum().backward()).
+    grad_q, grad_k = attention_slice_bwd(
+        grad_out.contiguous(), q, k, token_index, ctx.num_heads, ctx.scale, key_mask, lse
+    )
+    return grad_q, grad_k, None, None, None, None
+
+
+torch.library.register_autograd(
+    "biasmap_triton::attention_slice_fwd", _backward, setup_context=_setup
+)
