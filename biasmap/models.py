@@ -335,7 +335,10 @@ def random_sd15(seed: int = 0, *, dtype: torch.dtype = torch.float32, device: st
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    return _eval_fp32(pipe).to(device=device, dtype=dtype)
+    pipe = _eval_fp32(pipe)
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
+    return pipe.to(device)
 
 
 # --------------------------------------------------------------------------- loading
@@ -383,7 +386,11 @@ def load_pipeline(
         "tiny-sdxl": tiny_sdxl,
     }
     if name_or_path in builders:
-        return builders[name_or_path](seed).to(device=device, dtype=torch_dtype)
+        pipe = builders[name_or_path](seed)
+        # Builders make fp32 modules; casting only when asked avoids diffusers' cast warning.
+        if torch_dtype != torch.float32:
+            pipe = pipe.to(dtype=torch_dtype)
+        return pipe.to(device)
     if name_or_path == "random-sd15":
         return random_sd15(seed, dtype=torch_dtype, device=device)
 

@@ -94,6 +94,8 @@ def plot_attribution(maps, image, a, b, q: float = 0.7, *, index: int = 0, path=
     axes[4].set_title(f"mask: {name_b} (q={q})")
     axes[5].imshow(overlap)
     axes[5].set_title(f"overlap, IoU = {iou:.3f}")
+    axes[5].text(0.5, -0.06, f"red: {name_a} only, blue: {name_b} only, purple: both",
+                 transform=axes[5].transAxes, ha="center", va="top", fontsize=8)
     for axis in axes:
         axis.axis("off")
     figure.tight_layout()
