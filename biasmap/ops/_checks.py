@@ -106,9 +106,14 @@ def attention_slice_args(q, k, token_index, num_heads, scale, key_mask) -> None:
     if key_mask is not None:
         if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
             raise TypeError("key_mask must be a bool tensor [B or 1, L] (True = key is kept)")
-        if key_mask.dim() != 2 or key_mask.shape[1] != num_keys or key_mask.shape[0] not in (
-            1,
-            batch,
+        if (
+            key_mask.dim() != 2
+            or key_mask.shape[1] != num_keys
+            or key_mask.shape[0]
+            not in (
+                1,
+                batch,
+            )
         ):
             raise ValueError(
                 f"key_mask must have shape [{batch} or 1, {num_keys}], got {tuple(key_mask.shape)}"

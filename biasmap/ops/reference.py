@@ -139,7 +139,9 @@ def soft_topk_sinkhorn(
     n = y.shape[-1]
     logit_kn = math.log(k / (n - k))
     yd = y.double()
-    first = torch.logsumexp(-(yd**2) / tau, dim=-1) - torch.logsumexp(-((yd - 1) ** 2) / tau, dim=-1)
+    lse_0 = torch.logsumexp(-(yd**2) / tau, dim=-1)
+    lse_1 = torch.logsumexp(-((yd - 1) ** 2) / tau, dim=-1)
+    first = lse_0 - lse_1
     d = (logit_kn + first).to(y.dtype)[:, None]
     a = (2 * y - 1) / tau
     for _ in range(iters - 1):
