@@ -306,3 +306,41 @@ def test_tiny_sd2_variant_works():
     with biasmap.trace(pipe, ATTRIBUTION, ["gender", "firefighter"]) as tr:
         generate(pipe, steps=2)
     assert tr.maps().aggregate.shape == (1, 2, 16, 16)
+
+
+class LinearQueryProcessor:
+    """A processor that never calls the attn.to_q module (F.linear on its weight instead), so the
+    trace cannot read the query from its hook and must recompute it."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        query = F.linear(hidden_states, attn.to_q.weight, attn.to_q.bias)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        split = lambda t: t.view(t.shape[0], -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(query), split(key), split(value))
+        out = out.transpose(1, 2).reshape(hidden_states.shape[0], -1, query.shape[-1])
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def test_query_recomputed_when_processor_bypasses_to_q_and_memory_is_flat(sd):
+    with biasmap.trace(sd, ATTRIBUTION, ["gender"]) as tr:
+        generate(sd)
+    expected = tr.maps()
+    modules = _attn2_modules(sd.unet)
+    originals = [m.processor for m in modules]
+    try:
+        for module in modules:
+            module.set_processor(LinearQueryProcessor())
+        with biasmap.trace(sd, ATTRIBUTION, ["gender"]) as tr:
+            generate(sd)
+    finally:
+        for module, original in zip(modules, originals, strict=True):
+            module.set_processor(original)
+    torch.testing.assert_close(tr.maps().aggregate, expected.aggregate, atol=1e-4, rtol=1e-4)
+
+    # The running sums do not grow with the number of steps.
+    sizes = []
+    for steps in (1, 4):
+        with biasmap.trace(sd, ATTRIBUTION, ["gender", "firefighter"]) as tr:
+            generate(sd, steps=steps)
+        sizes.append(tr.captured_bytes)
+    assert sizes[0] == sizes[1] == 2 * 4 * (16 * 16 + 8 * 8 + 4 * 4) * 2  # 2 concepts, 6 blocks

@@ -217,22 +217,39 @@ class Trace:
     # ------------------------------------------------------------------ setup / teardown
 
     def _encode_attribution_prompt(self) -> torch.Tensor:
-        """P''s encoder hidden states [1, L, D], encoded as the pipeline encodes prompts."""
+        """P''s encoder hidden states [1, L, D], encoded as the pipeline encodes prompts.
+
+        With softmax_over="prompt" only P''s real tokens (start- through end-of-text) take
+        part in the softmax, and CLIP text encoders are causal: a position's hidden state
+        never depends on the padding after it. So we encode just those L = num_real_tokens
+        positions (the tokenizers pad to L for the duration of the call) and the keys have
+        no padding to mask: the same maps, for a fraction of the text encoder's and the
+        slice's cost. "padded" encodes all 77 positions.
+        """
         device = self.pipe._execution_device
-        with torch.no_grad():
-            encoded = self.pipe.encode_prompt(
-                prompt=self.attribution_prompt,
-                device=device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=False,
-            )
+        length = self.tokens.num_real_tokens if self.softmax_over == "prompt" else self.tokens.num_keys
+        tokenizers = [t for t in (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None)) if t is not None]
+        saved = [t.model_max_length for t in tokenizers]
+        try:
+            for tokenizer in tokenizers:
+                tokenizer.model_max_length = length
+            with torch.no_grad():
+                encoded = self.pipe.encode_prompt(
+                    prompt=self.attribution_prompt,
+                    device=device,
+                    num_images_per_prompt=1,
+                    do_classifier_free_guidance=False,
+                )
+        finally:
+            for tokenizer, max_length in zip(tokenizers, saved, strict=True):
+                tokenizer.model_max_length = max_length
         # SD returns (embeds, negative); SDXL (embeds, negative, pooled, negative pooled):
         # the per-token embeds are first in both and are SDXL's concatenated penultimate states.
         states = encoded[0]
-        if states.shape[1] != self.tokens.num_keys:
+        if states.shape[1] != length:
             raise ValueError(
                 f"the text encoder returned {states.shape[1]} positions for the attribution prompt, "
-                f"but its tokenizer pads to {self.tokens.num_keys}"
+                f"expected {length}"
             )
         return states
 
@@ -246,7 +263,8 @@ class Trace:
         self._state = CaptureState(
             token_index=self.tokens.token_index(device),
             mean_matrix=mean_matrix,
-            key_mask=self.tokens.key_mask(self.softmax_over, device),
+            # The keys hold exactly the softmax domain (see _encode_attribution_prompt): no mask.
+            key_mask=None,
             text_states=self._encode_attribution_prompt(),
         )
         self._entered = True
