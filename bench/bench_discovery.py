@@ -2,7 +2,7 @@
 
 Cases (DESIGN.md section 3 explains the sizes):
   tiny      tiny_sd, 16x16 latent (128 px), 5 steps, CPU fp32
-  sd15-cpu  the full SD1.5 architecture with random weights, 32x32 latent (256 px), 2 steps, CPU fp32
+  sd15-cpu  the full SD1.5 architecture, random weights, 32x32 latent (256 px), 2 steps, CPU fp32
   sd15-gpu  the same at a 64x64 latent (512 px), fp16, on CUDA (only when a GPU is present)
 
 Every case uses CFG 7.5, batch 1 and output_type="latent" (no VAE decode, which would dilute the
@@ -48,10 +48,22 @@ FIELDS = ["kernel", "provider", "mode", "size", "p50", "p20", "p80", "unit", "de
 CASES = {
     # name: (builder, latent side, steps, dtype, device, default repeats)
     "tiny": (lambda dtype, device: models.tiny_sd(0).to(device), 16, 5, torch.float32, "cpu", 9),
-    "sd15-cpu": (lambda dtype, device: models.random_sd15(0, dtype=dtype, device=device), 32, 2,
-                 torch.float32, "cpu", 3),
-    "sd15-gpu": (lambda dtype, device: models.random_sd15(0, dtype=dtype, device=device), 64, 50,
-                 torch.float16, "cuda", 5),
+    "sd15-cpu": (
+        lambda dtype, device: models.random_sd15(0, dtype=dtype, device=device),
+        32,
+        2,
+        torch.float32,
+        "cpu",
+        3,
+    ),
+    "sd15-gpu": (
+        lambda dtype, device: models.random_sd15(0, dtype=dtype, device=device),
+        64,
+        50,
+        torch.float16,
+        "cuda",
+        5,
+    ),
 }
 
 
@@ -118,7 +130,10 @@ def run_case(name: str, repeats: int | None, steps: int | None) -> list[dict]:
     plain_times, traced_times, plain_cpu, traced_cpu = [], [], [], []
     with torch.inference_mode():
         for _ in range(repeats):
-            for runner, times, cpu_times in ((plain, plain_times, plain_cpu), (traced, traced_times, traced_cpu)):
+            for runner, times, cpu_times in (
+                (plain, plain_times, plain_cpu),
+                (traced, traced_times, traced_cpu),
+            ):
                 synchronize(device)
                 start, start_cpu = time.perf_counter(), time.process_time()
                 runner()
@@ -149,8 +164,18 @@ def run_case(name: str, repeats: int | None, steps: int | None) -> list[dict]:
         ("traced/plain_cpu_time", cpu_ratios, "ratio"),
     ):
         p50, p20, p80 = quantiles(values)
-        rows.append(dict(kernel="discovery_trace", provider=provider, mode="e2e", size=size,
-                         p50=p50, p20=p20, p80=p80, unit=unit))
+        rows.append(
+            dict(
+                kernel="discovery_trace",
+                provider=provider,
+                mode="e2e",
+                size=size,
+                p50=p50,
+                p20=p20,
+                p80=p80,
+                unit=unit,
+            )
+        )
     maps64 = maps.resize(64)
     for provider, value, unit in (
         ("captured_sums_1_step", one_step_bytes, "bytes/image"),
@@ -159,8 +184,18 @@ def run_case(name: str, repeats: int | None, steps: int | None) -> list[dict]:
         ("peak_plain", plain_peak, "MiB"),
         ("peak_traced", traced_peak, "MiB"),
     ):
-        rows.append(dict(kernel="discovery_memory", provider=provider, mode="e2e", size=size,
-                         p50=value, p20=value, p80=value, unit=unit))
+        rows.append(
+            dict(
+                kernel="discovery_memory",
+                provider=provider,
+                mode="e2e",
+                size=size,
+                p50=value,
+                p20=value,
+                p80=value,
+                unit=unit,
+            )
+        )
     print(f"[{name}] images bit-identical with and without trace: {identical}", file=sys.stderr)
     return rows
 
@@ -174,14 +209,22 @@ def device_name(case: str) -> str:
 def versions() -> str:
     import diffusers
 
-    return f"torch={torch.__version__};diffusers={diffusers.__version__};biasmap={biasmap.__version__}"
+    return (
+        f"torch={torch.__version__};diffusers={diffusers.__version__};biasmap={biasmap.__version__}"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     default_cases = "tiny,sd15-cpu" + (",sd15-gpu" if torch.cuda.is_available() else "")
-    parser.add_argument("--cases", default=default_cases, help=f"comma-separated, from {list(CASES)}")
-    parser.add_argument("--repeats", type=int, default=None, help="timed plain/traced pairs per case")
+    parser.add_argument(
+        "--cases", default=default_cases, help=f"comma-separated, from {list(CASES)}"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed plain/traced pairs per case"
+    )
     parser.add_argument("--steps", type=int, default=None, help="override each case's step count")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-csv", action="store_true", help="print only")
@@ -205,9 +248,15 @@ def main() -> None:
     print("| case | provider | p50 | p20 | p80 | unit |")
     print("|---|---|---|---|---|---|")
     for row in all_rows:
-        fmt = (lambda v: f"{v:.4g}") if row["unit"] in ("s", "cpu-s", "ratio", "MiB") else (lambda v: f"{int(v)}")
-        print(f"| {row['size']} | {row['provider']} | {fmt(row['p50'])} | {fmt(row['p20'])} | "
-              f"{fmt(row['p80'])} | {row['unit']} |")
+        fmt = (
+            (lambda v: f"{v:.4g}")
+            if row["unit"] in ("s", "cpu-s", "ratio", "MiB")
+            else (lambda v: f"{int(v)}")
+        )
+        print(
+            f"| {row['size']} | {row['provider']} | {fmt(row['p50'])} | {fmt(row['p20'])} | "
+            f"{fmt(row['p80'])} | {row['unit']} |"
+        )
     if not args.no_csv:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         new = not RESULTS.exists()

@@ -100,14 +100,19 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
 
     vocab, merges = _clip_vocab_and_merges()
     return CLIPTokenizer(
-        vocab=dict(vocab), merges=list(merges), model_max_length=CLIP_MAX_LENGTH, pad_token=pad_token
+        vocab=dict(vocab),
+        merges=list(merges),
+        model_max_length=CLIP_MAX_LENGTH,
+        pad_token=pad_token,
     )
 
 
 # --------------------------------------------------------------------------- builders
 
 
-def _clip_text_config(hidden: int, layers: int, heads: int, *, act: str = "quick_gelu", proj: int = 0):
+def _clip_text_config(
+    hidden: int, layers: int, heads: int, *, act: str = "quick_gelu", proj: int = 0
+):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -288,7 +293,7 @@ def sd15_unet():
 
 
 def sd15_text_encoder():
-    """SD1.5's text encoder, CLIP ViT-L/14's text tower (123.1M parameters), randomly initialised."""
+    """SD1.5's text encoder, CLIP ViT-L/14's text tower (123.1M parameters), random weights."""
     from transformers import CLIPTextModel
 
     return CLIPTextModel(_clip_text_config(768, 12, 12))
@@ -310,7 +315,9 @@ def sd15_vae():
     )
 
 
-def random_sd15(seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def random_sd15(
+    seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+):
     """The full SD1.5 architecture (UNet 860M, CLIP ViT-L/14 text encoder, KL VAE) with
     random weights, for benchmarks: speed depends on shapes, not on weight values.
 
@@ -353,8 +360,14 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    names = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
     if dtype not in names:
         raise ValueError(f"dtype must be a torch.dtype or one of {sorted(names)}, got {dtype!r}")
     return names[dtype]
@@ -414,7 +427,11 @@ def load_pipeline(
             **from_pretrained_kwargs,
         )
     except (OSError, ValueError) as error:
-        where = "in that folder" if is_folder else "in the local Hugging Face cache, and the hub is unreachable"
+        where = (
+            "in that folder"
+            if is_folder
+            else "in the local Hugging Face cache, and the hub is unreachable"
+        )
         raise ModelNotAvailableError(
             f"Could not load the weights of {name_or_path!r} ({where}): {error}\n"
             "To supply them offline: on a machine with internet run "

@@ -33,7 +33,9 @@ def image_array(image, index: int = 0) -> np.ndarray:
         if tensor.dim() == 4:
             tensor = tensor[index]
         if tensor.dim() != 3 or tensor.shape[0] not in (1, 3):
-            raise ValueError(f"image tensor must be [3, H, W] or [B, 3, H, W], got {tuple(image.shape)}")
+            raise ValueError(
+                f"image tensor must be [3, H, W] or [B, 3, H, W], got {tuple(image.shape)}"
+            )
         return tensor.expand(3, -1, -1).permute(1, 2, 0).clamp(0, 1).numpy()
     array = np.asarray(image)
     if array.ndim == 4:
@@ -58,12 +60,14 @@ def _upsampled(map_2d: torch.Tensor, height: int, width: int) -> np.ndarray:
 
 
 def _mask_image(mask: torch.Tensor, height: int, width: int) -> np.ndarray:
-    up = torch.nn.functional.interpolate(mask[None, None].float().cpu(), size=(height, width), mode="nearest")
+    up = torch.nn.functional.interpolate(
+        mask[None, None].float().cpu(), size=(height, width), mode="nearest"
+    )
     return up[0, 0].numpy() > 0.5
 
 
 def plot_attribution(maps, image, a, b, q: float = 0.7, *, index: int = 0, path=None):
-    """Paper Figure 3 for one image: image | heatmap a | heatmap b | mask a | mask b | overlap (IoU).
+    """Paper Figure 3 for one image: image | heatmap a, b | mask a, b | overlap and IoU.
 
     maps: AttributionMaps; a, b: concepts (word or index); q: mask quantile. Returns the
     Figure and writes it to `path` when given.
@@ -94,8 +98,15 @@ def plot_attribution(maps, image, a, b, q: float = 0.7, *, index: int = 0, path=
     axes[4].set_title(f"mask: {name_b} (q={q})")
     axes[5].imshow(overlap)
     axes[5].set_title(f"overlap, IoU = {iou:.3f}")
-    axes[5].text(0.5, -0.06, f"red: {name_a} only, blue: {name_b} only, purple: both",
-                 transform=axes[5].transAxes, ha="center", va="top", fontsize=8)
+    axes[5].text(
+        0.5,
+        -0.06,
+        f"red: {name_a} only, blue: {name_b} only, purple: both",
+        transform=axes[5].transAxes,
+        ha="center",
+        va="top",
+        fontsize=8,
+    )
     for axis in axes:
         axis.axis("off")
     figure.tight_layout()

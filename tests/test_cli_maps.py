@@ -24,8 +24,24 @@ def test_maps_command_writes_pngs_and_iou_json(tmp_path):
     out = tmp_path / "maps"
     result = CliRunner().invoke(
         app,
-        ["maps", "--model", "tiny", "--prompt", PROMPT, "--attribution", ATTRIBUTION,
-         "--concepts", "gender", "firefighter", "--seed", "0", "--steps", "2", "--out", str(out)],
+        [
+            "maps",
+            "--model",
+            "tiny",
+            "--prompt",
+            PROMPT,
+            "--attribution",
+            ATTRIBUTION,
+            "--concepts",
+            "gender",
+            "firefighter",
+            "--seed",
+            "0",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     for name in ("image_0.png", "overlay_0.png", "biou_0.png", "maps.json"):
@@ -40,14 +56,27 @@ def test_maps_command_writes_pngs_and_iou_json(tmp_path):
         pipe(PROMPT, num_inference_steps=2, generator=[torch.Generator().manual_seed(0)])
     maps = tr.maps()
     assert summary["iou"] == pytest.approx(maps.iou("gender", "firefighter").tolist())
-    assert summary["biou"]["mean"] == pytest.approx(maps.biou("gender", "firefighter")["mean"].tolist())
+    assert summary["biou"]["mean"] == pytest.approx(
+        maps.biou("gender", "firefighter")["mean"].tolist()
+    )
 
 
 def test_maps_command_rejects_absent_concept(tmp_path):
     result = CliRunner().invoke(
         app,
-        ["maps", "--prompt", PROMPT, "--attribution", ATTRIBUTION, "--concepts", "race,firefighter",
-         "--steps", "1", "--out", str(tmp_path)],
+        [
+            "maps",
+            "--prompt",
+            PROMPT,
+            "--attribution",
+            ATTRIBUTION,
+            "--concepts",
+            "race,firefighter",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
     )
     assert result.exit_code != 0
     assert "race" in str(result.exception) and "gender" in str(result.exception)

@@ -1,4 +1,4 @@
-"""AttributionMaps: IoU / BIoU against masks computed by hand, resize, plots. No diffusers needed."""
+"""AttributionMaps: IoU / BIoU against masks computed by hand, resize, plots (no diffusers)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def hand_iou(x: np.ndarray, y: np.ndarray, q: float) -> float:
 def random_maps():
     generator = torch.Generator().manual_seed(0)
     blocks = {
-        name: torch.rand(3, 2, 8, 8, generator=generator) for name in ("down-8", "down-4", "up-4", "up-8")
+        name: torch.rand(3, 2, 8, 8, generator=generator)
+        for name in ("down-8", "down-4", "up-4", "up-8")
     }
     return AttributionMaps(blocks, ["gender", "firefighter"])
 
@@ -88,17 +89,23 @@ def test_from_block_sums_resizes_each_block():
     torch.testing.assert_close(maps.blocks["down-8"], sums["down-8"])
     torch.testing.assert_close(
         maps.blocks["down-4"],
-        torch.nn.functional.interpolate(sums["down-4"], size=(8, 8), mode="bilinear", align_corners=False),
+        torch.nn.functional.interpolate(
+            sums["down-4"], size=(8, 8), mode="bilinear", align_corners=False
+        ),
     )
 
 
 def test_plots_render(random_maps, tmp_path):
     pytest.importorskip("matplotlib")
     image = torch.rand(3, 3, 32, 32)
-    figure = random_maps.plot(image, "gender", "firefighter", index=2, path=tmp_path / "overlay.png")
+    figure = random_maps.plot(
+        image, "gender", "firefighter", index=2, path=tmp_path / "overlay.png"
+    )
     assert len(figure.axes) == 6 and "IoU" in figure.axes[5].get_title()
     iou = float(random_maps.iou("gender", "firefighter")[2])
     assert f"{iou:.3f}" in figure.axes[5].get_title()
     chart = random_maps.plot_biou("gender", "firefighter", path=tmp_path / "biou.png")
     assert [t.get_text() for t in chart.axes[0].get_xticklabels()] == list(random_maps.blocks)
-    assert (tmp_path / "overlay.png").stat().st_size > 0 and (tmp_path / "biou.png").stat().st_size > 0
+    assert (tmp_path / "overlay.png").stat().st_size > 0 and (
+        tmp_path / "biou.png"
+    ).stat().st_size > 0

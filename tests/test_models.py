@@ -1,4 +1,4 @@
-"""Offline model builders: real CLIP tokenizer, determinism, real SD1.5 architecture, loading errors."""
+"""Offline model builders: real CLIP tokenizer, determinism, SD1.5 architecture, load errors."""
 
 from __future__ import annotations
 
@@ -28,9 +28,16 @@ def test_tiny_pipelines_deterministic_per_seed():
     assert not torch.equal(first.unet.conv_in.weight, other.unet.conv_in.weight)
     state = torch.random.get_rng_state()
     models.tiny_sdxl(0)
-    assert torch.equal(state, torch.random.get_rng_state()), "builders must not consume the global RNG"
+    assert torch.equal(state, torch.random.get_rng_state()), (
+        "builders must not consume the global RNG"
+    )
     images = [
-        first("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        first(
+            "a cat",
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).images
         for _ in range(2)
     ]
     assert torch.equal(images[0], images[1])

@@ -24,7 +24,8 @@ from biasmap.models import tiny_sd, tiny_sdxl  # noqa: E402
 
 PROMPT = "A photo of the face of a firefighter"
 ATTRIBUTION = "A photo of the face of a firefighter and gender"
-# Read off by hand from the CLIP tokenizer: <sot> a photo of the face of a firefighter and gender <eot>
+# Read off by hand from the CLIP tokenizer:
+# <sot> a photo of the face of a firefighter and gender <eot>
 ATTRIBUTION_POSITIONS = {"firefighter": [8], "gender": [10], "firefighter and gender": [8, 9, 10]}
 ATTRIBUTION_REAL_TOKENS = 12
 STEPS = 3
@@ -56,7 +57,8 @@ class NaiveRecorder:
 
     def __init__(self, unet):
         self.unet = unet
-        self.calls = []  # (step, module name, attn module, hidden states [B_cfg, N, C], encoder states)
+        # (step, module name, attn module, hidden states [B_cfg, N, C], encoder states)
+        self.calls = []
         self.step = -1
         self.handles = []
 
@@ -70,8 +72,12 @@ class NaiveRecorder:
 
                 def on_attn(module, args, kwargs, name=name):
                     hidden = args[0]
-                    encoder = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-                    self.calls.append((self.step, name, module, hidden.detach().clone(), encoder.detach().clone()))
+                    encoder = kwargs.get(
+                        "encoder_hidden_states", args[1] if len(args) > 1 else None
+                    )
+                    self.calls.append(
+                        (self.step, name, module, hidden.detach().clone(), encoder.detach().clone())
+                    )
 
                 self.handles.append(module.register_forward_pre_hook(on_attn, with_kwargs=True))
         return self
@@ -88,8 +94,18 @@ def block_name(module_name: str, num_queries: int, aspect: float = 1.0) -> str:
     return f"{stage}-{side}"
 
 
-def naive_maps(calls, text_states, positions, *, cfg_half, softmax_over, size, num_real, steps=None,
-               include_mid=False):
+def naive_maps(
+    calls,
+    text_states,
+    positions,
+    *,
+    cfg_half,
+    softmax_over,
+    size,
+    num_real,
+    steps=None,
+    include_mid=False,
+):
     """Per-block maps {name: [B, C, S, S]} recomputed from stored attn2 inputs."""
     blocks = {}
     for step, name, attn, hidden, _ in calls:
@@ -109,7 +125,9 @@ def naive_maps(calls, text_states, positions, *, cfg_half, softmax_over, size, n
         if softmax_over == "prompt":
             scores = scores[..., :num_real]
         probs = scores.softmax(-1)
-        per_concept = torch.stack([probs[..., p].mean(-1) for p in positions], dim=1)  # [B, C, H, N]
+        per_concept = torch.stack(
+            [probs[..., p].mean(-1) for p in positions], dim=1
+        )  # [B, C, H, N]
         per_concept = per_concept.sum(2)  # over heads: [B, C, N]
         side = int(math.isqrt(per_concept.shape[-1]))
         spatial = per_concept.view(*per_concept.shape[:2], side, side)
@@ -137,7 +155,9 @@ def assert_maps_match(maps, reference):
 def test_maps_equal_naive_recomputation(sd, cfg_half, softmax_over):
     concepts = ["gender", "firefighter", "firefighter and gender"]
     with torch.no_grad(), NaiveRecorder(sd.unet) as recorder:
-        with biasmap.trace(sd, ATTRIBUTION, concepts, cfg_half=cfg_half, softmax_over=softmax_over) as tr:
+        with biasmap.trace(
+            sd, ATTRIBUTION, concepts, cfg_half=cfg_half, softmax_over=softmax_over
+        ) as tr:
             generate(sd, [PROMPT, "A photo of the face of a nurse"])
         maps = tr.maps()
         reference = naive_maps(
@@ -233,10 +253,14 @@ def test_batch_entries_are_independent(sd):
         generate(sd, prompts, seeds=seeds, num_images_per_prompt=2)
     batched = tr.maps()
     assert batched.aggregate.shape[0] == 4
-    for entry, (prompt, seed) in enumerate(zip([prompts[0]] * 2 + [prompts[1]] * 2, seeds, strict=True)):
+    for entry, (prompt, seed) in enumerate(
+        zip([prompts[0]] * 2 + [prompts[1]] * 2, seeds, strict=True)
+    ):
         with biasmap.trace(sd, ATTRIBUTION, ["gender", "firefighter"]) as tr:
             generate(sd, prompt, seeds=(seed,))
-        torch.testing.assert_close(batched.aggregate[entry], tr.maps().aggregate[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            batched.aggregate[entry], tr.maps().aggregate[0], atol=1e-4, rtol=1e-4
+        )
     assert not torch.allclose(batched.aggregate[0], batched.aggregate[1])
 
 
@@ -246,8 +270,14 @@ def test_no_cfg_and_timestep_selection(sd):
             generate(sd, steps=4, guidance_scale=1.0)
         maps = tr.maps()
         reference = naive_maps(
-            recorder.calls, sd_text_states(sd, ATTRIBUTION), [[10]], cfg_half=None,
-            softmax_over="prompt", size=(16, 16), num_real=ATTRIBUTION_REAL_TOKENS, steps={0, 1},
+            recorder.calls,
+            sd_text_states(sd, ATTRIBUTION),
+            [[10]],
+            cfg_half=None,
+            softmax_over="prompt",
+            size=(16, 16),
+            num_real=ATTRIBUTION_REAL_TOKENS,
+            steps={0, 1},
         )
     assert maps.meta["steps"] == [0, 1] and maps.meta["steps_captured"] == 2
     assert_maps_match(maps, reference)
@@ -271,7 +301,9 @@ def test_other_schedulers_non_square_and_block_choice(sd):
             assert maps.meta["steps"] == list(range(0, unet_calls, 2))
     finally:
         sd.scheduler = original
-    with biasmap.trace(sd, ATTRIBUTION, ["gender", "firefighter"], blocks=["down-16x24", "up-16x24"]) as tr:
+    with biasmap.trace(
+        sd, ATTRIBUTION, ["gender", "firefighter"], blocks=["down-16x24", "up-16x24"]
+    ) as tr:
         generate(sd, height=128, width=192)
     maps = tr.maps()
     assert list(maps.blocks) == ["down-16x24", "up-16x24"]
@@ -289,12 +321,22 @@ def test_tiny_sdxl_matches_naive(sdxl):
         maps = tr.maps()
         # SDXL conditions on both encoders' penultimate hidden states, concatenated.
         states = []
-        for tokenizer, encoder in ((sdxl.tokenizer, sdxl.text_encoder), (sdxl.tokenizer_2, sdxl.text_encoder_2)):
-            ids = tokenizer(ATTRIBUTION, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        for tokenizer, encoder in (
+            (sdxl.tokenizer, sdxl.text_encoder),
+            (sdxl.tokenizer_2, sdxl.text_encoder_2),
+        ):
+            ids = tokenizer(
+                ATTRIBUTION, padding="max_length", max_length=77, return_tensors="pt"
+            ).input_ids
             states.append(encoder(ids, output_hidden_states=True).hidden_states[-2])
         reference = naive_maps(
-            recorder.calls, torch.cat(states, dim=-1), [[10], [8]], cfg_half="cond",
-            softmax_over="prompt", size=(8, 8), num_real=ATTRIBUTION_REAL_TOKENS,
+            recorder.calls,
+            torch.cat(states, dim=-1),
+            [[10], [8]],
+            cfg_half="cond",
+            softmax_over="prompt",
+            size=(8, 8),
+            num_real=ATTRIBUTION_REAL_TOKENS,
         )
     assert list(maps.blocks) == ["down-8", "down-4", "up-4", "up-8"]
     assert_maps_match(maps, reference)
@@ -312,10 +354,15 @@ class LinearQueryProcessor:
     """A processor that never calls the attn.to_q module (F.linear on its weight instead), so the
     trace cannot read the query from its hook and must recompute it."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None
+    ):
         query = F.linear(hidden_states, attn.to_q.weight, attn.to_q.bias)
         key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-        split = lambda t: t.view(t.shape[0], -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)  # noqa: E731
+
+        def split(t):
+            return t.view(t.shape[0], -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
+
         out = F.scaled_dot_product_attention(split(query), split(key), split(value))
         out = out.transpose(1, 2).reshape(hidden_states.shape[0], -1, query.shape[-1])
         return attn.to_out[1](attn.to_out[0](out))

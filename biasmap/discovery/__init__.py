@@ -1,4 +1,4 @@
-"""Discovery: concept attribution maps captured while a diffusers pipeline generates (paper 3.1-3.2).
+"""Discovery: concept attribution maps captured while a pipeline generates (paper 3.1-3.2).
 
 `biasmap.trace(pipe, attribution_prompt, concepts)` is the entry point; it returns
 `AttributionMaps` with IoU / BIoU and plots. Importing this package imports diffusers
@@ -9,4 +9,11 @@ from .maps import AttributionMaps
 from .tokens import ConceptNotFoundError, ConceptTokens, concept_positions
 from .trace import Trace, trace
 
-__all__ = ["trace", "Trace", "AttributionMaps", "ConceptNotFoundError", "ConceptTokens", "concept_positions"]
+__all__ = [
+    "trace",
+    "Trace",
+    "AttributionMaps",
+    "ConceptNotFoundError",
+    "ConceptTokens",
+    "concept_positions",
+]

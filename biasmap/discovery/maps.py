@@ -33,7 +33,11 @@ class AttributionMaps:
         self.concepts: list[str] = list(concepts)
         first = next(iter(self.blocks.values()))
         for name, block in self.blocks.items():
-            if block.dim() != 4 or block.shape != first.shape or block.shape[1] != len(self.concepts):
+            if (
+                block.dim() != 4
+                or block.shape != first.shape
+                or block.shape[1] != len(self.concepts)
+            ):
                 raise ValueError(
                     f"block {name!r} has shape {tuple(block.shape)}; every block must be "
                     f"[B, C={len(self.concepts)}, S_h, S_w] with the same shape"
@@ -76,7 +80,9 @@ class AttributionMaps:
         """Position of a concept given by word or index."""
         if isinstance(concept, int) and not isinstance(concept, bool):
             if not -len(self.concepts) <= concept < len(self.concepts):
-                raise IndexError(f"concept index {concept} out of range for concepts {self.concepts}")
+                raise IndexError(
+                    f"concept index {concept} out of range for concepts {self.concepts}"
+                )
             return concept % len(self.concepts)
         if concept not in self.concepts:
             raise KeyError(f"concept {concept!r} is not one of the traced concepts {self.concepts}")
@@ -89,21 +95,33 @@ class AttributionMaps:
         source = self.aggregate if block is None else self.blocks[block]
         return source[:, self.index(concept)]
 
-    def masks(self, concept: str | int, q: float = DEFAULT_Q, *, block: str | None = None,
-              inclusive: bool = True) -> torch.Tensor:
-        """Hard mask bool [B, S_h, S_w]: map >= its q-quantile (> with inclusive=False, the authors' code)."""
+    def masks(
+        self,
+        concept: str | int,
+        q: float = DEFAULT_Q,
+        *,
+        block: str | None = None,
+        inclusive: bool = True,
+    ) -> torch.Tensor:
+        """Hard mask bool [B, S_h, S_w]: map >= its q-quantile.
+
+        inclusive=False gives map > quantile, as the authors' code does.
+        """
         maps = self.concept(concept, block)
         return ops.quantile_mask(maps.flatten(1), q, inclusive).view(maps.shape)
 
     # ------------------------------------------------------------------ metrics
 
-    def iou(self, a: str | int, b: str | int, q: float = DEFAULT_Q, *, inclusive: bool = True) -> torch.Tensor:
+    def iou(
+        self, a: str | int, b: str | int, q: float = DEFAULT_Q, *, inclusive: bool = True
+    ) -> torch.Tensor:
         """IoU [B] of the q-quantile masks of concepts a and b on the aggregated map (Eq. 3-4)."""
         return self._iou(a, b, q, None, inclusive)
 
-    def biou(self, a: str | int, b: str | int, q: float = DEFAULT_Q, *, inclusive: bool = True
-             ) -> dict[str, torch.Tensor]:
-        """Block IoU (Eq. 6): {block name: [B]} for every captured block, plus "mean" over blocks."""
+    def biou(
+        self, a: str | int, b: str | int, q: float = DEFAULT_Q, *, inclusive: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Block IoU (Eq. 6): {block name: [B]} for every captured block, plus their "mean"."""
         per_block = {name: self._iou(a, b, q, name, inclusive) for name in self.blocks}
         per_block["mean"] = torch.stack(list(per_block.values())).mean(dim=0)
         return per_block
@@ -116,7 +134,7 @@ class AttributionMaps:
     # ------------------------------------------------------------------ transforms
 
     def resize(self, size: int | tuple[int, int]) -> AttributionMaps:
-        """Maps resized bilinearly (align_corners=False) to `size` (S or (S_h, S_w)); a new object."""
+        """New maps resized bilinearly (align_corners=False) to `size`: S or (S_h, S_w)."""
         size = (size, size) if isinstance(size, int) else tuple(size)
         names = list(self.blocks)
         resized = ops.resize_aggregate([self.blocks[n] for n in names], size, per_map=True)
@@ -128,11 +146,15 @@ class AttributionMaps:
         if isinstance(index, int):
             index = [index]
         blocks = {name: block[index] for name, block in self.blocks.items()}
-        return AttributionMaps(blocks, self.concepts, aggregate=self.aggregate[index], meta=self.meta)
+        return AttributionMaps(
+            blocks, self.concepts, aggregate=self.aggregate[index], meta=self.meta
+        )
 
     def cpu(self) -> AttributionMaps:
         blocks = {name: block.cpu() for name, block in self.blocks.items()}
-        return AttributionMaps(blocks, self.concepts, aggregate=self.aggregate.cpu(), meta=self.meta)
+        return AttributionMaps(
+            blocks, self.concepts, aggregate=self.aggregate.cpu(), meta=self.meta
+        )
 
     def nbytes(self) -> int:
         """Bytes held by the block maps and the aggregate."""
@@ -140,7 +162,7 @@ class AttributionMaps:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def summary(self, a: str | int, b: str | int, q: float = DEFAULT_Q) -> dict[str, Any]:
-        """JSON-ready IoU and BIoU of concepts a, b per image: {"iou": [B], "biou": {block: [B]}}."""
+        """JSON-ready IoU and BIoU of concepts a, b: {"iou": [B], "biou": {block: [B]}}."""
         return {
             "concepts": [self.concepts[self.index(a)], self.concepts[self.index(b)]],
             "q": q,
@@ -150,15 +172,26 @@ class AttributionMaps:
 
     # ------------------------------------------------------------------ plots
 
-    def plot(self, image, a: str | int, b: str | int, q: float = DEFAULT_Q, *, index: int = 0, path=None):
+    def plot(
+        self, image, a: str | int, b: str | int, q: float = DEFAULT_Q, *, index: int = 0, path=None
+    ):
         """Figure like the paper's Figure 3 for batch entry `index`: the image, each concept's
         heatmap overlay, the two q-masks, their overlap and the IoU. Returns a matplotlib Figure;
-        saves it to `path` if given. image: PIL image, array [H, W, 3] or tensor [3, H, W] / [B, 3, H, W]."""
+        saves it to `path` if given. image: PIL image, array [H, W, 3], tensor [3, H, W] or
+        [B, 3, H, W], or a list of images."""
         from .. import viz
 
         return viz.plot_attribution(self, image, a, b, q, index=index, path=path)
 
-    def plot_biou(self, a: str | int, b: str | int, q: float = DEFAULT_Q, *, index: int | None = None, path=None):
+    def plot_biou(
+        self,
+        a: str | int,
+        b: str | int,
+        q: float = DEFAULT_Q,
+        *,
+        index: int | None = None,
+        path=None,
+    ):
         """Bar chart of the per-block BIoU (paper Figures 4-6), averaged over the batch unless
         `index` picks one image. Returns a matplotlib Figure."""
         from .. import viz

@@ -44,7 +44,9 @@ class CaptureState:
     """
 
     token_index: torch.Tensor  # long [T]
-    mean_matrix: torch.Tensor | None  # [C, T] sub-token averaging; None when every concept is one token
+    mean_matrix: (
+        torch.Tensor | None
+    )  # [C, T] sub-token averaging; None when every concept is one token
     key_mask: torch.Tensor | None  # bool [1, L] or None
     text_states: torch.Tensor  # [1, L, D] the attribution prompt's encoder hidden states
     capture_blocks: set[str] = field(default_factory=set)  # block keys to capture
@@ -182,6 +184,8 @@ def capturing_processor(original, attn, block_key: str, state: CaptureState) -> 
             __call__.__signature__ = signature
         except (TypeError, ValueError):  # builtins without a signature keep the generic one
             pass
-        wrapper_type = type(f"Capturing{original_type.__name__}", (CapturingProcessor,), {"__call__": __call__})
+        wrapper_type = type(
+            f"Capturing{original_type.__name__}", (CapturingProcessor,), {"__call__": __call__}
+        )
         _WRAPPER_CLASSES[original_type] = wrapper_type
     return wrapper_type(original, attn, block_key, state)

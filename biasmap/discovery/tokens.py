@@ -55,7 +55,7 @@ class ConceptTokens:
         return matrix.to(device)
 
     def key_mask(self, softmax_over: str, device=None) -> torch.Tensor | None:
-        """bool [1, num_keys] for softmax_over="prompt" (start- through end-of-text), None for "padded"."""
+        """bool [1, num_keys], True from start- to end-of-text ("prompt"); None for "padded"."""
         if softmax_over == "padded":
             return None
         mask = torch.arange(self.num_keys) < self.num_real_tokens
@@ -83,7 +83,9 @@ def concept_positions(tokenizer, prompt: str, concepts: Sequence[str]) -> Concep
         )
     concepts = tuple(concepts)
     if not concepts:
-        raise ValueError("concepts is empty; give at least one word or phrase of the attribution prompt")
+        raise ValueError(
+            "concepts is empty; give at least one word or phrase of the attribution prompt"
+        )
     num_keys = int(tokenizer.model_max_length)
     prompt_ids = tokenizer(prompt, truncation=True, max_length=num_keys).input_ids
     prompt_tokens = tuple(tokenizer.convert_ids_to_tokens(prompt_ids))
@@ -95,7 +97,9 @@ def concept_positions(tokenizer, prompt: str, concepts: Sequence[str]) -> Concep
         concept_ids = tokenizer(concept, add_special_tokens=False).input_ids
         start = _find_subsequence(prompt_ids, concept_ids) if concept_ids else -1
         if start < 0:
-            concept_tokens = [t.replace("</w>", "") for t in tokenizer.convert_ids_to_tokens(concept_ids)]
+            concept_tokens = [
+                t.replace("</w>", "") for t in tokenizer.convert_ids_to_tokens(concept_ids)
+            ]
             raise ConceptNotFoundError(
                 f"Concept {concept!r} (tokens {concept_tokens}) is not in the attribution prompt "
                 f"{prompt!r}. Its tokens are {readable}. Use a word or phrase of the attribution "

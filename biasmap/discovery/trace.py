@@ -61,7 +61,8 @@ def _cross_attention_layers(unet) -> list[tuple[str, object]]:
             match = _BLOCK_KEY.match(name)
             if match is None:
                 raise ValueError(
-                    f"cross-attention layer {name!r} is outside down_blocks / mid_block / up_blocks; "
+                    f"cross-attention layer {name!r} is outside down_blocks, mid_block and "
+                    "up_blocks; "
                     "biasmap.trace supports UNet2DConditionModel pipelines (SD1.x, SD2.x, SDXL)"
                 )
             layers.append((match.group(1), module))
@@ -99,7 +100,11 @@ def _selected_steps(timesteps, num_steps: int) -> set[int]:
     elif isinstance(timesteps, float):
         # First fraction of the steps, at least one.
         chosen = list(all_steps[: max(1, math.ceil(timesteps * num_steps - 1e-9))])
-    elif isinstance(timesteps, tuple) and len(timesteps) == 2 and all(isinstance(t, float) for t in timesteps):
+    elif (
+        isinstance(timesteps, tuple)
+        and len(timesteps) == 2
+        and all(isinstance(t, float) for t in timesteps)
+    ):
         start, stop = timesteps
         chosen = [i for i in all_steps if start * num_steps <= i < stop * num_steps]
     elif isinstance(timesteps, slice):
@@ -114,7 +119,9 @@ def _selected_steps(timesteps, num_steps: int) -> set[int]:
                 )
             chosen.append(step % num_steps)
     if not chosen:
-        raise ValueError(f"timesteps={timesteps!r} selects none of this generation's {num_steps} steps")
+        raise ValueError(
+            f"timesteps={timesteps!r} selects none of this generation's {num_steps} steps"
+        )
     return set(chosen)
 
 
@@ -123,11 +130,19 @@ def _check_timesteps(timesteps) -> None:
         return
     if isinstance(timesteps, float):
         if not 0.0 < timesteps <= 1.0:
-            raise ValueError(f"a float timesteps is the fraction of first steps, in (0, 1]; got {timesteps}")
+            raise ValueError(
+                f"a float timesteps is the fraction of first steps, in (0, 1]; got {timesteps}"
+            )
         return
-    if isinstance(timesteps, tuple) and len(timesteps) == 2 and all(isinstance(t, float) for t in timesteps):
+    if (
+        isinstance(timesteps, tuple)
+        and len(timesteps) == 2
+        and all(isinstance(t, float) for t in timesteps)
+    ):
         if not 0.0 <= timesteps[0] < timesteps[1] <= 1.0:
-            raise ValueError(f"a (start, stop) fraction pair needs 0 <= start < stop <= 1; got {timesteps}")
+            raise ValueError(
+                f"a (start, stop) fraction pair needs 0 <= start < stop <= 1; got {timesteps}"
+            )
         return
     if isinstance(timesteps, Sequence | range) and all(
         isinstance(t, int) and not isinstance(t, bool) for t in timesteps
@@ -151,7 +166,10 @@ def _check_map_size(map_size) -> tuple[int, int] | None:
         and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in map_size)
     ):
         return (int(map_size[0]), int(map_size[1]))
-    raise ValueError(f"map_size must be None (largest attention resolution), an int S or (S_h, S_w); got {map_size!r}")
+    raise ValueError(
+        "map_size must be None (largest attention resolution), an int S or (S_h, S_w); "
+        f"got {map_size!r}"
+    )
 
 
 class Trace:
@@ -172,14 +190,18 @@ class Trace:
         if cfg_half not in CFG_HALVES:
             raise ValueError(f"cfg_half must be one of {list(CFG_HALVES)}, got {cfg_half!r}")
         if softmax_over not in SOFTMAX_DOMAINS:
-            raise ValueError(f"softmax_over must be one of {list(SOFTMAX_DOMAINS)}, got {softmax_over!r}")
+            raise ValueError(
+                f"softmax_over must be one of {list(SOFTMAX_DOMAINS)}, got {softmax_over!r}"
+            )
         if isinstance(blocks, str) and blocks not in ("default", "all"):
             raise ValueError(
                 f"blocks must be 'default' (all but mid), 'all', or a list of block names such as "
                 f"['down-64', 'up-64']; got {blocks!r}"
             )
         if not isinstance(attribution_prompt, str):
-            raise TypeError(f"attribution_prompt must be one string, got {type(attribution_prompt).__name__}")
+            raise TypeError(
+                f"attribution_prompt must be one string, got {type(attribution_prompt).__name__}"
+            )
         for component in ("unet", "tokenizer", "encode_prompt"):
             if not hasattr(pipe, component):
                 raise TypeError(
@@ -227,8 +249,14 @@ class Trace:
         slice's cost. "padded" encodes all 77 positions.
         """
         device = self.pipe._execution_device
-        length = self.tokens.num_real_tokens if self.softmax_over == "prompt" else self.tokens.num_keys
-        tokenizers = [t for t in (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None)) if t is not None]
+        length = (
+            self.tokens.num_real_tokens if self.softmax_over == "prompt" else self.tokens.num_keys
+        )
+        tokenizers = [
+            t
+            for t in (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None))
+            if t is not None
+        ]
         saved = [t.model_max_length for t in tokenizers]
         try:
             for tokenizer in tokenizers:
@@ -248,14 +276,17 @@ class Trace:
         states = encoded[0]
         if states.shape[1] != length:
             raise ValueError(
-                f"the text encoder returned {states.shape[1]} positions for the attribution prompt, "
+                f"the text encoder returned {states.shape[1]} positions for the attribution "
+                "prompt, "
                 f"expected {length}"
             )
         return states
 
     def __enter__(self) -> Trace:
         if self._entered:
-            raise RuntimeError("this trace is already active; create a new biasmap.trace(...) per with-block")
+            raise RuntimeError(
+                "this trace is already active; create a new biasmap.trace(...) per with-block"
+            )
         device = self.pipe._execution_device
         mean_matrix = None
         if any(len(p) > 1 for p in self.tokens.positions):
@@ -275,7 +306,9 @@ class Trace:
                 self._processors.append(processor)
                 self._originals.append((attn, original))
                 attn.set_processor(processor)
-            self._unet_hook = self.pipe.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
+            self._unet_hook = self.pipe.unet.register_forward_pre_hook(
+                self._on_unet_call, with_kwargs=True
+            )
         except BaseException:
             self._restore()
             raise
@@ -311,15 +344,20 @@ class Trace:
         cfg = self._uses_cfg()
         if cfg:
             if batch % 2:
-                raise RuntimeError(f"classifier-free guidance is on but the UNet batch {batch} is odd")
+                raise RuntimeError(
+                    f"classifier-free guidance is on but the UNet batch {batch} is odd"
+                )
             num_images = batch // 2
             # diffusers batches the CFG halves as [unconditional, conditional].
-            state.rows = slice(num_images, batch) if self.cfg_half == "cond" else slice(0, num_images)
+            state.rows = (
+                slice(num_images, batch) if self.cfg_half == "cond" else slice(0, num_images)
+            )
         else:
             if self.cfg_half == "uncond":
                 raise ValueError(
-                    "cfg_half='uncond' needs classifier-free guidance (guidance_scale > 1), but this "
-                    "generation runs without it, so there is no unconditional half; use cfg_half='cond'"
+                    "cfg_half='uncond' needs classifier-free guidance (guidance_scale > 1), but "
+                    "this generation runs without it, so there is no unconditional half; use "
+                    "cfg_half='cond'"
                 )
             num_images = batch
             state.rows = slice(None)
@@ -339,15 +377,21 @@ class Trace:
                 )
             wanted = [by_name[name] for name in self.blocks_option]
         if not wanted:
-            raise ValueError(f"blocks={self.blocks_option!r} selects no cross-attention block of {list(names.values())}")
+            raise ValueError(
+                f"blocks={self.blocks_option!r} selects no cross-attention block of "
+                f"{list(names.values())}"
+            )
         state.capture_blocks = set(wanted)
         self._names = {key: names[key] for key in names if key in state.capture_blocks}
         state.block_sizes = {
-            info.key: (_halved(height, info.halvings), _halved(width, info.halvings)) for info in self._blocks
+            info.key: (_halved(height, info.halvings), _halved(width, info.halvings))
+            for info in self._blocks
         }
         state.sums = {}
         state.layer_calls = {}
-        self._num_steps = int(getattr(self.pipe, "_num_timesteps", 0) or len(self.pipe.scheduler.timesteps))
+        self._num_steps = int(
+            getattr(self.pipe, "_num_timesteps", 0) or len(self.pipe.scheduler.timesteps)
+        )
         self._selected = _selected_steps(self.timesteps, self._num_steps)
         self._batch_shape = tuple(sample.shape)
         self._steps_captured = 0
@@ -357,10 +401,7 @@ class Trace:
         sample = args[0] if args else kwargs["sample"]
         # A new pipeline call starts when the previous one used up its steps, or when the
         # latent batch changes shape; maps() then describes the latest generation.
-        if (
-            self._batch_shape != tuple(sample.shape)
-            or self._step + 1 >= self._num_steps
-        ):
+        if self._batch_shape != tuple(sample.shape) or self._step + 1 >= self._num_steps:
             self._start_generation(sample)
         self._step += 1
         self._state.capturing = self._step in self._selected
@@ -376,11 +417,12 @@ class Trace:
         return sum(t.numel() * t.element_size() for t in self._state.sums.values())
 
     def maps(self) -> AttributionMaps:
-        """Attribution maps of the latest generation: AttributionMaps with [B, C, S_h, S_w] tensors."""
+        """Attribution maps of the latest generation ([B, C, S_h, S_w] tensors)."""
         state = self._state
         if state is None or not state.sums:
             raise RuntimeError(
-                "no maps were captured: call the pipeline inside the `with biasmap.trace(...)` block "
+                "no maps were captured: call the pipeline inside the `with biasmap.trace(...)` "
+                "block "
                 "(and check that `timesteps` selects at least one step)"
             )
         keys = [key for key in self._names if key in state.sums]
@@ -399,7 +441,9 @@ class Trace:
                 "steps": sorted(self._selected),
                 "num_steps": self._num_steps,
                 "steps_captured": self._steps_captured,
-                "layers_per_block": {self._names[key]: state.layer_calls.get(key, 0) for key in keys},
+                "layers_per_block": {
+                    self._names[key]: state.layer_calls.get(key, 0) for key in keys
+                },
             },
         )
 
