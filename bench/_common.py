@@ -295,7 +295,8 @@ def _git_commit(path: Path) -> str | None:
 
 
 def format_ms(value: float | None) -> str:
-    """Milliseconds with about three significant digits, without scientific notation."""
+    """Milliseconds (or any positive amount) to about three significant digits, never
+    in scientific notation."""
     if value is None or math.isnan(value):
         return "-"
     if value >= 100:
@@ -312,7 +313,7 @@ def format_ratio(value: float | None) -> str:
 
 
 def format_mb(nbytes: int | None) -> str:
-    return "-" if nbytes is None else f"{nbytes / BYTES_PER_MB:.1f}"
+    return "-" if nbytes is None else format_ms(nbytes / BYTES_PER_MB)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

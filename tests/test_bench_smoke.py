@@ -144,3 +144,35 @@ def test_quick_run_writes_tables_and_csv(tmp_path, capsys):
     )
     with (tmp_path / "bench_ops_quick.csv").open(newline="") as handle:
         assert sum(1 for line in handle if line.startswith("kernel,")) == 1
+
+
+def test_new_backends_are_picked_up_and_failures_reported(tmp_path, monkeypatch):
+    """A backend added to BACKENDS is benchmarked without changes to bench_ops; one that
+    raises becomes a note under the table, and an interpreted Triton one is left out."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        from bench import bench_ops
+
+    from biasmap.ops import backends
+
+    # ReferenceBackend supports everything; under a non-reference name the op wrapper
+    # sends it to the (absent) compiled ops, so it fails like a broken kernel would.
+    registry = dict(backends.BACKENDS)
+    registry["broken"] = backends.ReferenceBackend("broken")
+    registry["triton"] = backends.ReferenceBackend("triton")
+    monkeypatch.setattr(backends, "BACKENDS", registry)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    case = bench_ops.soft_iou_case(2, 64)
+    assert bench_ops.providers_for(case, torch.device("cpu"), None) == ["reference", "broken"]
+
+    results = bench_ops.main(
+        ["--quick", "--threads", "1", "--results-dir", str(tmp_path), "--ops", "soft_iou"]
+    )
+    by_provider = {r.provider: r for r in results if r.mode == "fwd"}
+    assert by_provider["reference"].timing is not None
+    assert by_provider["broken"].timing is None
+    assert by_provider["broken"].note.startswith("error: ")
+    markdown = next(tmp_path.glob("bench_ops_*_quick.md")).read_text()
+    assert "| broken | - [1] |" in markdown
+    assert "[1] 2x64 / fwd / broken: error: " in markdown
