@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Run as a script: make `bench` (and a source tree's biasmap) importable.
+# Run as a script: make `bench` (and a source tree's biasmap) importable. Appended, so
+# a biasmap on PYTHONPATH or installed takes precedence over this checkout's.
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import torch
 
