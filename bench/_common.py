@@ -237,7 +237,8 @@ def device_name(device: torch.device) -> str:
     """GPU name, or the CPU model with the thread count torch uses (it sets the speed)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{cpu_model()} ({threads} thread{'s' if threads != 1 else ''})"
 
 
 @functools.cache

@@ -29,7 +29,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +80,6 @@ class Case:
     grad_inputs: tuple[str, ...] = ()
     extra_providers: tuple[str, ...] = ()
     authors_key: tuple[int, int] | None = None
-    # provider -> why it is not run at this size (said so in the table).
-    skip: dict[str, str] = field(default_factory=dict)
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -125,7 +123,7 @@ def _maps(batch, n, device, seed=1):
     return torch.rand(batch, n, generator=_generator(seed)).to(device)
 
 
-def soft_topk_cases(batch, n, skip=None) -> list[Case]:
+def soft_topk_cases(batch, n) -> list[Case]:
     """The paper's exact solver and the authors' Sinkhorn settings on the same maps."""
     k = ops.topk_count(n, QUANTILE)
 
@@ -158,7 +156,6 @@ def soft_topk_cases(batch, n, skip=None) -> list[Case]:
             exact,
             grad_inputs=("x",),
             authors_key=(batch, n),
-            skip=dict(skip or {}),
         ),
         Case(
             "soft_topk",
@@ -168,7 +165,6 @@ def soft_topk_cases(batch, n, skip=None) -> list[Case]:
             grad_inputs=("x",),
             extra_providers=(AUTHORS,),
             authors_key=(batch, n),
-            skip=dict(skip or {}),
         ),
     ]
 
@@ -324,6 +320,19 @@ def providers_for(case: Case, device: torch.device, wanted: Sequence[str] | None
     return names
 
 
+def backends_not_run(cases: Sequence[Case], device: torch.device) -> dict[str, str]:
+    """{backend: why} for backends that run none of `cases` (their first case's reason)."""
+    reasons: dict[str, str] = {}
+    runs_something: set[str] = set()
+    for case in cases:
+        for name, reason in runnable_backends(case.op, device).items():
+            if reason is None:
+                runs_something.add(name)
+            else:
+                reasons.setdefault(name, reason)
+    return {name: why for name, why in reasons.items() if name not in runs_something}
+
+
 # ------------------------------------------------------------------ measurement
 
 
@@ -359,7 +368,7 @@ def build_callable(case: Case, provider: str, mode: str, device: torch.device):
 
     leaves = _leaves(inputs, case.grad_inputs)
     out = case.call(provider, inputs)
-    # A fixed, dense random upstream gradient: ones would be a stride-0-free special case.
+    # A fixed, dense, random upstream gradient: every entry matters, as in real use.
     grad_out = torch.randn(out.shape, generator=_generator(7), dtype=out.dtype).to(device)
     if mode == "bwd":
         graph_output = out  # keeps the recorded graph alive for repeated backwards
@@ -377,9 +386,6 @@ def measure(
 ) -> Result:
     """Time one (case, provider, mode); with_memory also records fwd+bwd's peak bytes."""
     result = Result(case, mode, provider)
-    if provider in case.skip:
-        result.note = f"skipped: {case.skip[provider]}"
-        return result
     try:
         fn = build_callable(case, provider, mode, device)
         result.timing = _common.time_callable(fn, device, budget)
@@ -572,6 +578,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> list[Result]:
             raise SystemExit(f"--ops: unknown op(s) {sorted(unknown)}; known: {known}")
         cases = [c for c in cases if c.op in args.ops]
 
+    not_run = backends_not_run(cases, device)
     started = time.perf_counter()
     results: list[Result] = []
     for case in cases:
@@ -608,6 +615,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> list[Result]:
             "before it (inputs excluded); mem ratio vs ref = reference peak / provider peak.",
             f"- runs = timed calls behind p20/p50/p80; {runs_rule}.",
         ]
+        + [f"- not run here: {name} ({why})." for name, why in not_run.items()]
     )
     text = report(results, device, header)
     print(text)
