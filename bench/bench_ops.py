@@ -101,7 +101,8 @@ def attention_case(batch, n_query, heads, head_dim, n_keys, n_tokens, prompt_len
             "k": torch.randn(batch, n_keys, inner, generator=gen).to(device),
             # Concept tokens sit inside the prompt, as in "... {profession} and {concept}".
             "token_index": torch.arange(prompt_len - 1 - n_tokens, prompt_len - 1).to(device),
-            "key_mask": (torch.arange(n_keys) < prompt_len).expand(batch, n_keys).to(device),
+            # Dense, not an expanded view: a per-image mask as the attention processor builds.
+            "key_mask": (torch.arange(n_keys) < prompt_len).repeat(batch, 1).to(device),
         }
 
     def call(provider, inputs):
