@@ -252,8 +252,12 @@ def cpu_model() -> str:
 
 
 def device_slug(device: torch.device) -> str:
-    """File-name form of the device: 'AMD EPYC' -> 'amd-epyc' (thread count left out)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    """File-name form of the device: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3';
+    on CPU with the thread count, which changes every number: 'amd-epyc-2t'."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{cpu_model()} {torch.get_num_threads()}t"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or device.type
 
 
