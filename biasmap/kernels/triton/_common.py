@@ -77,7 +77,8 @@ class Tuned:
 
     `triton.autotune` benchmarks on the device, which the interpreter cannot do. `tuned[grid]`
     mirrors `wrap_triton(kernel)[grid]` with `grid` a function of the meta-parameters; the
-    tuned meta-parameters must not be passed by the caller.
+    tuned meta-parameters must not be passed by the caller. `tuned.pinned(meta)[grid]` skips
+    autotuning and runs `meta` (with the interpreter's fixed config there).
     """
 
     def __init__(self, kernel, configs: list[triton.Config], key: list[str], fixed: dict):
@@ -88,7 +89,18 @@ class Tuned:
     def __getitem__(self, grid):
         if self.autotuned is not None:
             return wrap_triton(self.autotuned)[grid]
-        meta = dict(self.fixed)
+        return self.pinned(self.fixed)[grid]
+
+    def pinned(self, meta: dict) -> "_Pinned":
+        return _Pinned(self.kernel, self.fixed if INTERPRET else meta)
+
+
+class _Pinned:
+    def __init__(self, kernel, meta: dict):
+        self.kernel, self.meta = kernel, dict(meta)
+
+    def __getitem__(self, grid):
+        meta = self.meta
 
         def launch(*args, **kwargs):
             return wrap_triton(self.kernel)[grid({**kwargs, **meta})](*args, **kwargs, **meta)

@@ -24,9 +24,16 @@ from torch.library import triton_op
 
 from ._common import INTERPRET, Tuned, acc_dtype, pow2, tl_acc
 
-# A query block must not be so large that [BLOCK_N, BLOCK_D] tiles spill; the key block covers
-# CLIP's 77 tokens in one step.
+# A key block covers CLIP's 77 tokens in one step, unless the head is wide: a [BLOCK_D, BLOCK_L]
+# key tile stays within KEY_TILE elements (32 KiB in float32) so that it fits in shared memory
+# next to the query tile (SD1.5's d = 160 pads to 256 and gets 32 keys per step).
 MAX_BLOCK_L = 128
+BWD_MAX_BLOCK_L = 32
+KEY_TILE = 8192
+# float64 MMA cannot take an operand produced by another float64 MMA in registers (Triton
+# 3.7 fails to lower it), so the float64 backward contracts ds by broadcast-and-sum
+# (CHAIN_DOT=False) over 16 x 16 tiles.
+FLOAT64_META = {"BLOCK_N": 16, "num_warps": 4}
 
 
 @triton.jit
@@ -147,6 +154,7 @@ def _attn_bwd_dq_kernel(
     stride_lh,
     HAS_MASK: tl.constexpr,
     ACC: tl.constexpr,
+    CHAIN_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -201,13 +209,23 @@ def _attn_bwd_dq_kernel(
             mask=d_ok[:, None] & (offs_l < L)[None, :],
             other=0.0,
         )
+        # The same keys again as [BLOCK_L, BLOCK_D] (a cache hit) rather than tl.trans(kt):
+        # the transposed register operand does not lower for float64 MMA.
+        k_blk = tl.load(
+            k_base + offs_l[:, None] * stride_kl + col[None, :],
+            mask=(offs_l < L)[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         s = tl.dot(q, kt, input_precision="ieee").to(ACC) * sc
         p = tl.where(keep[None, :], tl.exp(s - lse[:, None]), 0.0)
         # G scatters the T upstream columns onto their key positions (repeats add up).
         onehot = ((tok[:, None] == offs_l[None, :]) & t_ok[:, None]).to(ACC)
         big_g = tl.dot(g, onehot, input_precision="ieee")
         ds = p * (big_g - delta[:, None])
-        dq += tl.dot(ds, tl.trans(kt).to(ACC), input_precision="ieee")
+        if CHAIN_DOT:
+            dq += tl.dot(ds, k_blk.to(ACC), input_precision="ieee")
+        else:
+            dq += tl.sum(ds[:, :, None] * k_blk.to(ACC)[None, :, :], axis=1)
     tl.store(
         dq_ptr + b * stride_qb + offs_n[:, None] * stride_qn + col[None, :],
         dq * sc,
@@ -246,6 +264,7 @@ def _attn_bwd_dk_kernel(
     stride_dl,
     HAS_MASK: tl.constexpr,
     ACC: tl.constexpr,
+    CHAIN_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -263,17 +282,19 @@ def _attn_bwd_dk_kernel(
     offs_t = tl.arange(0, BLOCK_T)
     t_ok = offs_t < T
     tok = tl.load(tok_ptr + offs_t, mask=t_ok, other=0)
-    onehot = ((tok[:, None] == offs_l[None, :]) & t_ok[:, None]).to(ACC)
+    # Keys along rows throughout (s^T = k q^T, dk += ds^T q), so no tl.trans is needed: a
+    # transposed register operand does not lower for float64 MMA.
+    onehot_t = ((offs_l[:, None] == tok[None, :]) & t_ok[None, :]).to(ACC)  # [BLOCK_L, BLOCK_T]
     sc = tl.full([], scale, tl.float64).to(ACC)
     col = h * HEAD_DIM + offs_d
-    kt = tl.load(
-        k_ptr + kb.to(tl.int64) * stride_kb + offs_l[None, :] * stride_kl + col[:, None],
-        mask=d_ok[:, None] & l_in[None, :],
+    k_blk = tl.load(
+        k_ptr + kb.to(tl.int64) * stride_kb + offs_l[:, None] * stride_kl + col[None, :],
+        mask=l_in[:, None] & d_ok[None, :],
         other=0.0,
     )
-    n_blocks = tl.cdiv(N, BLOCK_N)
+    n_blocks = (N + BLOCK_N - 1) // BLOCK_N
     total = REPS * n_blocks
-    per_split = tl.cdiv(total, SPLIT)
+    per_split = (total + SPLIT - 1) // SPLIT
     j_start = split * per_split
     j_end = tl.minimum(j_start + per_split, total)
     dk = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC)
@@ -286,24 +307,25 @@ def _attn_bwd_dk_kernel(
         keep = l_in
         if HAS_MASK:
             keep = keep & (tl.load(mask_ptr + b * stride_mb + offs_l, mask=l_in, other=0) != 0)
-        q = tl.load(
-            q_ptr + b * stride_qb + offs_n[:, None] * stride_qn + col[None, :],
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        q_rows = q_ptr + b * stride_qb + offs_n * stride_qn
+        q = tl.load(q_rows[:, None] + col[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        q_t = tl.load(q_rows[None, :] + col[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)
         lse_off = b * stride_lb + h * stride_lh + offs_n
         lse = tl.load(lse_ptr + lse_off, mask=n_ok, other=0.0)
         delta = tl.load(delta_ptr + lse_off, mask=n_ok, other=0.0)
-        g = tl.load(
-            g_ptr + b * stride_gb + offs_t[None, :] * stride_gt + offs_n[:, None],
-            mask=n_ok[:, None] & t_ok[None, :],
+        g_t = tl.load(
+            g_ptr + b * stride_gb + offs_t[:, None] * stride_gt + offs_n[None, :],
+            mask=t_ok[:, None] & n_ok[None, :],
             other=0.0,
         ).to(ACC)
-        s = tl.dot(q, kt, input_precision="ieee").to(ACC) * sc
-        p = tl.where(keep[None, :] & n_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
-        big_g = tl.dot(g, onehot, input_precision="ieee")
-        ds = p * (big_g - delta[:, None])
-        dk += tl.dot(tl.trans(ds), q.to(ACC), input_precision="ieee")
+        s_t = tl.dot(k_blk, q_t, input_precision="ieee").to(ACC) * sc  # [BLOCK_L, BLOCK_N]
+        p_t = tl.where(keep[:, None] & n_ok[None, :], tl.exp(s_t - lse[None, :]), 0.0)
+        big_g_t = tl.dot(onehot_t, g_t, input_precision="ieee")
+        ds_t = p_t * (big_g_t - delta[None, :])
+        if CHAIN_DOT:
+            dk += tl.dot(ds_t, q.to(ACC), input_precision="ieee")
+        else:
+            dk += tl.sum(ds_t[:, :, None] * q.to(ACC)[None, :, :], axis=1)
     tl.store(
         dk_ptr
         + split.to(tl.int64) * stride_ds
@@ -315,31 +337,32 @@ def _attn_bwd_dk_kernel(
     )
 
 
-def _configs(block_ns, warps):
+def _configs(block_ns, warps, stages):
     return [
-        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=2) for bn in block_ns for w in warps
+        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=stages)
+        for bn in block_ns
+        for w in warps
     ]
 
 
-# Autotuned on a GPU (keyed on the shape); the interpreter runs the fixed config, large so that
-# few programs run (each op of each program costs ~0.3 ms of Python there). Kernels call no
-# @triton.jit helpers inside loops for the same reason: each call re-patches triton.language in
-# the interpreter (~5 ms).
+# Autotuned on a GPU (keyed on the shape; the key loop rarely runs more than once, so it is not
+# software-pipelined); the interpreter runs the fixed config, large so that few programs run:
+# there every op of every program costs ~0.3 ms of Python, whatever its size.
 _fwd = Tuned(
     _attn_fwd_kernel,
-    _configs((16, 32, 64, 128), (4, 8)),
+    _configs((32, 64, 128), (4, 8), 1),
     key=["N", "L", "T", "HEAD_DIM", "H"],
     fixed={"BLOCK_N": 1024},
 )
 _bwd_dq = Tuned(
     _attn_bwd_dq_kernel,
-    _configs((16, 32, 64, 128), (4, 8)),
+    _configs((16, 32, 64), (4, 8), 1),
     key=["N", "L", "T", "HEAD_DIM"],
     fixed={"BLOCK_N": 1024},
 )
 _bwd_dk = Tuned(
     _attn_bwd_dk_kernel,
-    _configs((32, 64, 128), (4, 8)),
+    _configs((16, 32, 64), (4, 8), 2),
     key=["N", "L", "T", "HEAD_DIM", "REPS", "SPLIT"],
     fixed={"BLOCK_N": 1024},
 )
@@ -355,9 +378,16 @@ def dk_splits(k_batch: int, reps: int, n_query: int, heads: int, key_blocks: int
     return max(1, min(triton.cdiv(2 * sms, programs), reps * triton.cdiv(n_query, 16)))
 
 
-def _blocks(k: torch.Tensor, n_tokens: int, head_dim: int) -> dict:
+def _blocks(k: torch.Tensor, n_tokens: int, head_dim: int, backward: bool = False) -> dict:
+    block_l = min(pow2(k.shape[1]), MAX_BLOCK_L, max(16, KEY_TILE // pow2(head_dim)))
+    if backward:
+        # The backward holds four [BLOCK_N, BLOCK_L] tiles (s, p, G, ds) and the keys twice:
+        # 32 keys per step is where ptxas stops spilling (fp16, d = 40, sm_90).
+        block_l = min(block_l, BWD_MAX_BLOCK_L)
+    if k.dtype == torch.float64:
+        block_l = 16  # float64 contracts ds through [*, BLOCK_L, *] broadcasts, not tl.dot
     return {
-        "BLOCK_L": min(pow2(k.shape[1]), MAX_BLOCK_L),
+        "BLOCK_L": block_l,
         "BLOCK_D": pow2(head_dim),
         "BLOCK_T": pow2(n_tokens),
     }
@@ -442,12 +472,17 @@ def attention_slice_bwd(
     n_tokens = token_index.shape[0]
     acc = acc_dtype(q.dtype)
     mask, stride_mb, has_mask = _mask_args(key_mask, token_index)
-    blocks = _blocks(k, n_tokens, head_dim)
+    blocks = _blocks(k, n_tokens, head_dim, backward=True)
     grad_q = torch.empty_like(q)
     delta = torch.empty_like(lse)
     stride_kb = 0 if k_batch == 1 else k.stride(0)
-    common = dict(HAS_MASK=has_mask, ACC=tl_acc(q.dtype), **blocks)
-    _bwd_dq[lambda meta: (triton.cdiv(n_query, meta["BLOCK_N"]), num_heads, batch)](
+    wide = q.dtype == torch.float64
+    common = dict(HAS_MASK=has_mask, ACC=tl_acc(q.dtype), CHAIN_DOT=not wide, **blocks)
+    # float64 (tests, gradcheck) skips autotuning: small fixed tiles keep its broadcast
+    # contractions in registers.
+    dq_kernel = _bwd_dq.pinned(FLOAT64_META) if wide else _bwd_dq
+    dk_kernel = _bwd_dk.pinned(FLOAT64_META) if wide else _bwd_dk
+    dq_kernel[lambda meta: (triton.cdiv(n_query, meta["BLOCK_N"]), num_heads, batch)](
         grad_out,
         q,
         k,
@@ -482,7 +517,7 @@ def attention_slice_bwd(
     else:
         partial = q.new_empty(split, k_batch, n_keys, inner, dtype=acc)
         stride_split = partial.stride(0)
-    _bwd_dk[lambda meta: (key_blocks, num_heads, k_batch * split)](
+    dk_kernel[lambda meta: (key_blocks, num_heads, k_batch * split)](
         grad_out,
         q,
         k,

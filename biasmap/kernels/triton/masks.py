@@ -107,7 +107,7 @@ def _quantile_mask_kernel(
     prefix = tl.zeros([ROWS], UKEY)
     rank = tl.zeros([ROWS], tl.int32) + below
     for step in tl.static_range(BITS // DIGIT_BITS):
-        shift: tl.constexpr = BITS - DIGIT_BITS * (step + 1)
+        shift = BITS - DIGIT_BITS * (step + 1)  # a constexpr: step is one in static_range
         hist = tl.zeros([ROWS, RADIX], tl.int32)
         for start in range(0, n, BLOCK):
             cols = start + offs
@@ -115,12 +115,12 @@ def _quantile_mask_kernel(
             x = tl.load(x_ptr + rows[:, None] * n + cols[None, :], mask=ok, other=0.0)
             bits = x.to(FLOAT).to(UKEY, bitcast=True)
             key = tl.where((bits & sign) != 0, bits ^ ones, bits | sign)
-            digit = ((key >> shift) & (RADIX - 1)).to(tl.int32)
+            digits = ((key >> shift) & (RADIX - 1)).to(tl.int32)
             if step == 0:
                 match = ok
             else:
                 match = ok & ((key >> (shift + DIGIT_BITS)) == prefix[:, None])
-            hits = match[:, :, None] & (digit[:, :, None] == bins[None, None, :])
+            hits = match[:, :, None] & (digits[:, :, None] == bins[None, None, :])
             hist += tl.sum(hits.to(tl.int32), axis=1)
         digit = tl.sum((tl.cumsum(hist, axis=1) <= rank[:, None]).to(tl.int32), axis=1)
         rank -= tl.sum(tl.where(bins[None, :] < digit[:, None], hist, 0), axis=1)

@@ -208,6 +208,8 @@ def _resize_bwd_tile(
                         a_y, tl.dot(g, b_x, input_precision="ieee"), input_precision="ieee"
                     )
                     dst = dst_ptr + plane * h * w + offs_i[:, None] * w + offs_j[None, :]
+                    # An earlier chunk's store may come from other threads of this program.
+                    tl.debug_barrier()
                     part += tl.load(dst, mask=ok & later, other=0.0)
                     tl.store(dst, part, mask=ok)
 

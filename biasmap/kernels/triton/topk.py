@@ -63,10 +63,17 @@ def _normalisation(x_ptr, rows, row_ok, n, flat_eps, MINMAX: tl.constexpr, ROWS:
     # Padding rows (past the batch) get 0, so that nothing downstream computes inf - inf.
     lo = tl.where(row_ok, tl.min(lo, axis=1), 0.0)
     hi = tl.where(row_ok, tl.max(hi, axis=1), 0.0)
+    # One return for both branches: the compiler types every return statement.
     if MINMAX:
         span = hi - lo
-        return lo, span, hi, tl.zeros([ROWS], tl.float64), tl.where(span <= flat_eps, 0.0, 1.0)
-    return tl.zeros([ROWS], tl.float64), tl.full([ROWS], 1.0, tl.float64), hi, lo, hi
+        y_min = tl.zeros([ROWS], tl.float64)
+        y_max = tl.where(span <= flat_eps, y_min, y_min + 1.0)
+    else:
+        y_min = lo
+        y_max = hi
+        lo = tl.zeros([ROWS], tl.float64)
+        span = lo + 1.0
+    return lo, span, hi, y_min, y_max
 
 
 @triton.jit
