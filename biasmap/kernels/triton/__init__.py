@@ -9,6 +9,9 @@ Where the kernels can run:
 - on CPU tensors under the Triton interpreter (`TRITON_INTERPRET=1`, set before triton is
   imported). That is how CI without a GPU checks every kernel against the reference; it is about
   150x slower than torch, so it is for tests, never for `backend="auto"`.
+
+`python -m biasmap.kernels.triton.compile_check` compiles every kernel for sm_80 and sm_90
+without a GPU (the interpreter cannot catch what only the compiler rejects).
 """
 
 from __future__ import annotations

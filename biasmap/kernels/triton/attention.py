@@ -11,10 +11,13 @@ Forward: one program per (query block, batch). For each head it streams over the
 Backward, with p = exp(s - lse), G_l = sum_t g_t [tok_t == l] and D = sum_t g_t p_tok_t:
 ds = p (G - D), dq = scale ds @ k, dk = scale ds^T @ q.
 - dq kernel: one program per (query block, head, batch) over all keys; it also stores D.
-- dk kernel: one program per (key block, head, k batch, split); a split sums ds^T q over a
-  contiguous range of query blocks (of every batch when k is broadcast) into a float partial
-  [SPLIT, Kb, L, H*d], and one torch sum over the splits finishes it: deterministic, no
-  atomics, and enough programs to fill a GPU even though L (77) is small.
+- dk kernel: one program per (key block, head, k batch, split), working with keys along rows
+  (s^T = k q^T, dk += ds^T q); a split sums over a contiguous range of query blocks (of every
+  batch when k is broadcast) into a float partial [SPLIT, Kb, L, H*d], and one torch sum over
+  the splits finishes it: deterministic, no atomics, and enough programs to fill a GPU even
+  though L (77) is small.
+Score dots take the input dtype (tensor cores for half types); everything after the softmax
+is float32 (float64 for float64 inputs), with float32 dots in IEEE precision, not TF32.
 """
 
 import torch

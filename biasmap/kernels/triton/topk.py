@@ -3,7 +3,8 @@
 x [B, n] -> mask [B, n]; each program takes ROWS maps (rows) and sweeps them in chunks of
 BLOCK entries, [ROWS, BLOCK] at a time (many small maps share a program, a large map gets
 one to itself). All arithmetic is in float64 whatever the input dtype: theta, and Sinkhorn's
-potentials at tau = 1e-3, need it, and the maps are small next to the UNet. y is x min-max
+potentials at tau = 1e-3, need it, and the maps are small next to the UNet (half-type maps are
+widened to float32 on the host first, see _common.widen). y is x min-max
 normalised per row (or x itself): y = (x - min) / range, 0 for rows with range <= MINMAX_EPS.
 
 Exact: mask = sigmoid((2y - theta)/tau) with sum k. theta solves F(theta) = sum_i
