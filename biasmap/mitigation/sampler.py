@@ -3,7 +3,8 @@
     out = biasmap.guided_generate(pipe, "A photo of the face of a firefighter",
                                   "A photo of the face of a firefighter and gender",
                                   ["gender", "firefighter"], lambda_=100.0)
-    out.images, out.energies [steps, B], out.grad_norms [steps, B], out.maps.iou("gender", "firefighter")
+    out.images, out.energies [steps, B], out.grad_norms [steps, B]
+    out.maps.iou("gender", "firefighter")  # [B], from the guided run's own maps
 
 Each guided step runs the UNet once over the CFG batch, split in two calls: the
 rows that need no gradient (the other CFG half and any Fair Diffusion edit prompts)
