@@ -10,7 +10,7 @@ processor computed, so `to_q` runs once per layer call:
 - the rows of the chosen CFG half go through `biasmap.ops.attention_slice` against the
   attribution prompt's keys K' = to_k(text_encoder(P')), computed once per layer;
 - the concept columns, averaged over each concept's sub-tokens, are added into the
-  block's running sum [B, C, h, w] (float32) owned by the `CaptureState`.
+  block's running sum [B, C, h, w] (float32; float64 pipelines keep float64) owned by the `CaptureState`.
 
 Nothing per step or per query is stored, so the captured memory does not grow with
 the number of steps.
@@ -75,7 +75,9 @@ class CaptureState:
                 f"predicts a {height}x{width} map; this UNet's downsampling is not the 2x "
                 "stride-2 kind biasmap expects"
             )
-        columns = columns.reshape(batch, num_concepts, height, width).float()
+        columns = columns.reshape(batch, num_concepts, height, width)
+        if columns.dtype != torch.float64:  # float16/bfloat16 pipelines accumulate in float32
+            columns = columns.float()
         if self.keep_step:
             previous = self.step_sums.get(block_key)
             self.step_sums[block_key] = columns if previous is None else previous + columns

@@ -50,6 +50,21 @@ class GuidedOutput:
     applied: torch.Tensor
     maps: AttributionMaps | None
     settings: GuidanceSettings
+    concepts: tuple[str, str]
+    q: float
+
+    def iou(self) -> torch.Tensor:
+        """Final IoU [B] of the two concepts' q-masks, with the preset's mask comparison."""
+        return self._maps().iou(*self.concepts, self.q, inclusive=self.settings.inclusive_masks)
+
+    def biou(self) -> dict[str, torch.Tensor]:
+        """Final block IoU {block: [B], "mean": [B]} with the preset's mask comparison."""
+        return self._maps().biou(*self.concepts, self.q, inclusive=self.settings.inclusive_masks)
+
+    def _maps(self) -> AttributionMaps:
+        if self.maps is None:
+            raise ValueError("this run was made with return_maps=False, so it has no maps")
+        return self.maps
 
 
 def alphabar(scheduler, timestep) -> float:
@@ -81,7 +96,10 @@ class _StepCapture(Trace):
             self._configure_blocks(*sample.shape[-2:])
             self._batch_shape = tuple(sample.shape[-2:])
 
-    def begin(self, num_steps: int) -> None:
+    def begin(self, num_steps: int, latent_size: tuple[int, int]) -> None:
+        """Start a generation of num_steps UNet steps on latents of latent_size (h, w)."""
+        self._configure_blocks(*latent_size)
+        self._batch_shape = tuple(latent_size)
         state = self._state
         state.keep_step = True
         state.sums, state.layer_calls, state.step_sums = {}, {}, {}
@@ -145,8 +163,10 @@ def _check_arguments(pipe, lambda_, attribution_prompt, q, preset) -> None:
         raise ValueError(f"lambda_ must be a number >= 0 (0 turns guidance off), got {lambda_!r}")
     if not 0.0 < q < 1.0:
         raise ValueError(f"q must be a quantile in (0, 1), got {q!r}")
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
+    if not isinstance(preset, GuidanceSettings) and preset not in PRESETS:
+        raise ValueError(
+            f"preset must be one of {list(PRESETS)} or a GuidanceSettings, got {preset!r}"
+        )
     for component in ("unet", "vae", "scheduler", "encode_prompt", "prepare_latents"):
         if not hasattr(pipe, component):
             raise TypeError(
@@ -188,7 +208,7 @@ def guided_generate(
     negative_prompt: str | Sequence[str] | None = None,
     editing_prompt: Sequence[str] | FairDiffusion | None = None,
     guidance_steps=None,
-    preset: str = "paper",
+    preset: str | GuidanceSettings = "paper",
     map_size: int | tuple[int, int] | None = None,
     return_maps: bool = True,
     num_images_per_prompt: int = 1,
@@ -217,7 +237,8 @@ def guided_generate(
     Returns GuidedOutput: images, energies [steps, B], grad_norms [steps, B], maps.
     """
     _check_arguments(pipe, lambda_, attribution_prompt, q, preset)
-    settings = PRESETS[preset].override(
+    settings = _resolve_settings(
+        preset,
         tau=tau,
         solver=solver,
         normalize=normalize,
@@ -225,10 +246,6 @@ def guided_generate(
         guidance_scale=guidance_scale,
         topk_scope=topk_scope,
     )
-    ops._checks.choice("topk_scope", settings.topk_scope, ("map", "row"))
-    ops._checks.choice("solver", settings.solver, ops._checks.SOLVERS)
-    ops._checks.choice("normalize", settings.normalize, ops._checks.NORMALIZATIONS)
-    ops._checks.positive_number("tau", settings.tau)
     fair = FairDiffusion.coerce(editing_prompt)
     unet, scheduler = pipe.unet, pipe.scheduler
     device = pipe._execution_device
@@ -291,7 +308,7 @@ def guided_generate(
     unet.requires_grad_(False)  # frozen weights: the backward computes no weight gradients
     try:
         with capture, torch.no_grad():
-            capture.begin(num_steps)
+            capture.begin(num_steps, tuple(latents.shape[-2:]))
             for step, t in enumerate(timesteps):
                 guide = step in guided
                 rows_uncond, rows_cond = slice(0, batch), slice(batch, 2 * batch)
@@ -361,7 +378,67 @@ def guided_generate(
     if maps is not None and settings.final_map_size == "image" and map_size is None:
         maps = maps.resize((height, width))
     images = _decode(pipe, latents, generator, output_type, prompt_embeds.dtype, device)
-    return GuidedOutput(images, energies, grad_norms, applied, maps, settings)
+    return GuidedOutput(
+        images, energies, grad_norms, applied, maps, settings, tuple(capture.concepts), q
+    )
+
+
+def _resolve_settings(preset, **overrides) -> GuidanceSettings:
+    base = preset if isinstance(preset, GuidanceSettings) else PRESETS[preset]
+    settings = base.override(**overrides)
+    ops._checks.choice("topk_scope", settings.topk_scope, ("map", "row"))
+    ops._checks.choice("solver", settings.solver, ops._checks.SOLVERS)
+    ops._checks.choice("normalize", settings.normalize, ops._checks.NORMALIZATIONS)
+    ops._checks.choice("cfg_half", settings.cfg_half, ("cond", "uncond"))
+    ops._checks.positive_number("tau", settings.tau)
+    return settings
+
+
+def step_energy(
+    pipe,
+    latents: torch.Tensor,
+    timestep,
+    prompt_embeds: torch.Tensor,
+    attribution_prompt: str,
+    concepts: Sequence[str],
+    *,
+    q: float = 0.7,
+    blocks: str | Sequence[str] = "default",
+    map_size: int | tuple[int, int] | None = None,
+    preset: str | GuidanceSettings = "paper",
+    cut_graph: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """E(z_t) and dE/dz_t for one UNet call: ([B], [B, C, h, w]).
+
+    latents: z_t [B, C, h, w]; prompt_embeds: the guided half's text states [B, L, D]
+    (P's for cfg_half="cond", the negative prompt's for "uncond"). This is the quantity
+    `guided_generate` differentiates at every guided step (for analysis and tests).
+    cut_graph=False records the graph through the whole UNet instead of stopping after
+    the last targeted layer (same gradient, more work).
+    """
+    settings = _resolve_settings(preset)
+    capture = _StepCapture(
+        pipe, attribution_prompt, concepts, cfg_half="cond", blocks=blocks, map_size=map_size
+    )
+    with capture, torch.no_grad():
+        capture.begin(1, tuple(latents.shape[-2:]))
+        z = latents.detach().requires_grad_(True)
+        with torch.enable_grad():
+            if cut_graph:
+                capture.set_cutoff()
+            sample = pipe.scheduler.scale_model_input(z, timestep)
+            capture.call_unet(
+                pipe.unet,
+                sample,
+                timestep,
+                prompt_embeds,
+                rows=slice(None),
+                capture=True,
+                differentiable=True,
+            )
+            energy = _energy(capture.take_step_maps(), 0, 1, _size(capture, map_size), settings, q)
+            (grad,) = torch.autograd.grad(energy.sum(), z)
+    return energy.detach(), grad
 
 
 def _size(capture: _StepCapture, map_size) -> tuple[int, int]:
