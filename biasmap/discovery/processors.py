@@ -10,7 +10,8 @@ processor computed, so `to_q` runs once per layer call:
 - the rows of the chosen CFG half go through `biasmap.ops.attention_slice` against the
   attribution prompt's keys K' = to_k(text_encoder(P')), computed once per layer;
 - the concept columns, averaged over each concept's sub-tokens, are added into the
-  block's running sum [B, C, h, w] (float32; float64 pipelines keep float64) owned by the `CaptureState`.
+  block's running sum [B, C, h, w] owned by the `CaptureState` (float32; float64
+  pipelines keep float64).
 
 Nothing per step or per query is stored, so the captured memory does not grow with
 the number of steps.
