@@ -170,6 +170,7 @@ class CapturingProcessor:
                 num_heads=attn.heads,
                 scale=attn.scale,
                 key_mask=state.key_mask,
+                validate=False,  # positions come from P''s own tokens; no per-layer GPU syncs
             )  # [B, T, N]
             if state.mean_matrix is not None:
                 columns = torch.einsum("ct,btn->bcn", state.mean_matrix.to(columns), columns)
