@@ -7,6 +7,8 @@ Output sizes cover both of ATen's bilinear formulas: out_h + out_w <= 128 (its f
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,9 +51,10 @@ def _interpolate_sum(maps, size, per_map):
     return torch.stack(resized, dim=1) if per_map else torch.stack(resized).sum(0)
 
 
-def _fma_capability() -> bool:
-    # ATen's AVX2/AVX512 kernels use FMAs; the CPU kernel mirrors them bit for bit there.
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+def _x86_aten() -> bool:
+    # The kernel mirrors ATen's x86 builds (FMA on AVX2/AVX512, none on DEFAULT); other
+    # architectures are not verified.
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _cpu_available() -> bool:
@@ -60,8 +63,8 @@ def _cpu_available() -> bool:
 
 
 needs_cpu = pytest.mark.skipif(not _cpu_available(), reason="the CPU kernels are not built")
-needs_fma = pytest.mark.skipif(
-    not _fma_capability(), reason="bit-identity is defined for ATen's AVX2/AVX512 kernels"
+needs_x86 = pytest.mark.skipif(
+    not _x86_aten(), reason="bit-identity is verified for ATen's x86 kernels only"
 )
 
 
@@ -172,7 +175,7 @@ def test_low_precision_close_to_float32(backend, dtype, shapes, size, per_map):
 
 
 @needs_cpu
-@needs_fma
+@needs_x86
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shapes", list(SHAPES), ids=list(SHAPES))
 @pytest.mark.parametrize("size", [*SIZES, (17, 23), 512], ids=str)
@@ -186,7 +189,33 @@ def test_cpu_per_map_is_bit_identical_to_interpolate(dtype, shapes, size):
 
 
 @needs_cpu
-@needs_fma
+@needs_x86
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("size", [*SIZES, (17, 23)], ids=str)
+@pytest.mark.parametrize("channels", [8, 17])
+def test_cpu_per_map_bit_identical_with_many_channels(dtype, size, channels):
+    """ATen sums the first T - T % vector_width channels in its vector loop, in another order."""
+    maps = _maps(ODD, 1, channels, dtype)
+    out = ops.resize_aggregate(maps, size, per_map=True, backend="cpu")
+    for i, m in enumerate(maps):
+        expected = F.interpolate(m, size=_pair(size), mode="bilinear", align_corners=False)
+        assert torch.equal(out[:, i], expected), f"map {i} {tuple(m.shape)}"
+
+
+@needs_cpu
+@needs_x86
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_channels_last_maps_follow_atens_formula(dtype):
+    """Channels-last inputs with T > 3 take ATen's four-tap loop at every output size."""
+    maps = [m.contiguous(memory_format=torch.channels_last) for m in _maps(ODD, 2, 5, dtype)]
+    out = ops.resize_aggregate(maps, (96, 72), per_map=True, backend="cpu")
+    for i, m in enumerate(maps):
+        expected = F.interpolate(m, size=(96, 72), mode="bilinear", align_corners=False)
+        assert torch.equal(out[:, i], expected), f"map {i} {tuple(m.shape)}"
+
+
+@needs_cpu
+@needs_x86
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("size", [*SIZES, (17, 23)], ids=str)
 def test_cpu_sum_is_bit_identical_to_summing_interpolates_in_order(dtype, size):
@@ -199,7 +228,7 @@ def test_cpu_sum_is_bit_identical_to_summing_interpolates_in_order(dtype, size):
 
 
 @needs_cpu
-@needs_fma
+@needs_x86
 def test_cpu_follows_atens_single_thread_path_choice():
     """With one thread and T = 3 ATen uses its four-tap loop even for large outputs."""
     maps = _maps(ODD, 2, 3)

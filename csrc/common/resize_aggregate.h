@@ -13,7 +13,8 @@
 //  * ATen has two 2-D formulas: a separable one (width pass, then height pass;
 //    weights stored in the input dtype) and a "channels-last" one (four taps with
 //    product weights in the accumulate type) used when out_h + out_w <= 128, or
-//    with one thread and 3 channels. use_four_tap() mirrors that choice.
+//    with one thread and 3 channels. use_four_tap() mirrors that choice. The
+//    latter sums in two orders, by channel (bilinear4, bilinear4_vector).
 #pragma once
 
 #include <cmath>
@@ -101,12 +102,30 @@ BIASMAP_HD inline T bilinear4(T a, T b, T c, T d, T w00, T w01, T w10, T w11) {
   return madd<kFma>(d, w11, madd<kFma>(c, w10, ab));
 }
 
-// Whether ATen's CPU bilinear kernel takes the four-tap path for this call
-// (_use_vectorized_kernel_cond_2d plus its single-thread 3-channel rule).
-// The four-tap path is bit-identical only while channels < the ATen vector width
-// (8 doubles / 16 floats on AVX512): wider inputs take a vector loop that sums in
-// another order. Attribution maps have a handful of tokens, far below that.
-BIASMAP_HD inline bool use_four_tap(int64_t out_h, int64_t out_w, int64_t channels, int num_threads) {
+// The same four taps as summed by that kernel's vector loop, which handles the
+// first channels - channels % vector_width channels (the rest take the scalar
+// loop above): a*w00 + (b*w01 + (c*w10 + d*w11)), fused from the inside out.
+// The innermost pair fuses c*w10 for float16/bfloat16 (float vectors of
+// converted values) and d*w11 for float/double (kFuseC selects the former).
+template <bool kFma, bool kFuseC = false, typename T>
+BIASMAP_HD inline T bilinear4_vector(T a, T b, T c, T d, T w00, T w01, T w10, T w11) {
+  const T cd = kFuseC ? madd<kFma>(c, w10, d * w11) : madd<kFma>(d, w11, c * w10);
+  return madd<kFma>(a, w00, madd<kFma>(b, w01, cd));
+}
+
+// Channels [0, vector_channels) of the four-tap kernel take its vector loop.
+// vector_width is ATen's Vectorized<scalar_t>::size() for the kernel it runs: the
+// upsample kernels are not built for AVX512, so 32 bytes (8 floats, 4 doubles)
+// and 16 for float16/bfloat16, on AVX2, AVX512 and DEFAULT alike.
+BIASMAP_HD inline int64_t vector_channels(int64_t channels, int64_t vector_width) {
+  return channels - channels % vector_width;
+}
+
+// Whether ATen's CPU bilinear kernel takes the four-tap path for a contiguous
+// NCHW input (_use_vectorized_kernel_cond_2d plus its single-thread 3-channel
+// rule). A channels-last input with more than 3 channels takes it too.
+BIASMAP_HD inline bool use_four_tap(
+    int64_t out_h, int64_t out_w, int64_t channels, int num_threads) {
   return (out_h + out_w) <= 128 || (num_threads == 1 && channels == 3);
 }
 

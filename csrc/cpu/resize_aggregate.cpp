@@ -2,15 +2,18 @@
 // attribution maps to one size, and its adjoint.
 //
 // Forward. Each map's output pixel is bit-identical to F.interpolate(mode="bilinear",
-// align_corners=False) on this torch (see common/resize_aggregate.h), and the sum
-// runs over maps in order as torch.stack(...).sum(0) does, so for float32/float64
-// the result equals the reference bit for bit while the maps fit the sum's
-// sequential block (< 32 maps). fp16/bf16 accumulate in float32 and round once.
-//  - separable path (large outputs): pass 1 resizes every source row of every map
-//    along the width into float rows; pass 2 writes each output row once, adding
-//    two rows per map. Both passes are parallel over rows.
-//  - four-tap path (ATen's choice for out_h + out_w <= 128): one gather pass over
-//    output rows reading the four taps of every map.
+// align_corners=False) on this torch, for every dtype and CPU capability (see
+// common/resize_aggregate.h). The sum adds the maps' float32/float64 results in
+// map order, which is what torch.stack(...).sum(0) does for up to ~32 maps except
+// for a few tail entries of odd sizes that its vectorised reduction reassociates
+// (1 ulp). fp16/bf16 accumulate in float32 and round once.
+// Two passes, each parallel over rows:
+//  1. every source row of every map is turned into out_w-wide float rows: its
+//     width resize (separable path) or its two column gathers (four-tap path,
+//     ATen's choice for out_h + out_w <= 128). Maps already at the output size
+//     skip this in the four-tap path.
+//  2. every output row is written once, reading two (separable) or four
+//     (four-tap) contiguous rows per map; no gathers in the hot loop.
 //
 // Backward (the adjoint), scatter-free and deterministic: maps of equal shape
 // share one gradient in the summed mode, so it is computed once per distinct
@@ -37,6 +40,7 @@ namespace biasmap {
 namespace {
 
 using resize::bilinear4;
+using resize::bilinear4_vector;
 using resize::lerp2;
 using resize::madd;
 
@@ -155,23 +159,25 @@ inline int64_t plane_offset(
 template <typename scalar_t, typename opmath_t>
 struct Forward {
   int64_t num_planes = 0, channels = 0, num_maps = 0, out_h = 0, out_w = 0;
-  bool per_map = false, four_tap = false;
+  bool per_map = false;
   std::vector<const scalar_t*> src;
   std::vector<int64_t> h, w;
   std::vector<Axis<opmath_t>> rows, cols;
-  // Four-tap path: maps already at the output size are read in place.
-  std::vector<char> identity;
-  // Pass 1 turns every (plane, map, source row) "unit" into rows of out_w: the
-  // width-resized row (separable) or the two column-gathered rows x[y, c0[:]],
-  // x[y, c1[:]] (four-tap), so pass 2 reads only contiguous rows.
+  // ATen's formula for each map (resize::use_four_tap) and, for the four-tap
+  // one, whether the map already has the output size (then it is read in place).
+  std::vector<char> four_tap, identity;
+  // Pass 1 turns every (plane, map, source row) unit into `width[m]` rows of
+  // out_w: its width resize (separable, 1 row) or its two column gathers
+  // x[y, c0[:]], x[y, c1[:]] (four-tap, 2 rows), so pass 2 reads contiguous rows.
+  std::vector<int64_t> width;
   std::vector<int64_t> unit0;  // first unit of map m within a plane, [M + 1]
-  int64_t rows_per_unit = 1;
+  std::vector<int64_t> row0;   // first tmp row of map m within a plane, [M + 1]
   opmath_t* tmp = nullptr;
   scalar_t* out = nullptr;
 
   int64_t units_per_plane() const { return unit0.back(); }
-  const opmath_t* unit_rows(int64_t p, int64_t m, int64_t y) const {
-    return tmp + (p * units_per_plane() + unit0[m] + y) * rows_per_unit * out_w;
+  opmath_t* tmp_row(int64_t p, int64_t m, int64_t y) const {
+    return tmp + (p * row0.back() + row0[m] + y * width[m]) * out_w;
   }
 };
 
@@ -180,19 +186,18 @@ template <typename scalar_t, typename opmath_t, bool kFma>
 BIASMAP_INLINE void width_pass(const Forward<scalar_t, opmath_t>& f, int64_t begin, int64_t end) {
   const int64_t per_plane = f.units_per_plane();
   const int64_t out_w = f.out_w;
-  int64_t m = 0;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t p = r / per_plane, q = r % per_plane;
+    int64_t m = 0;
     while (q >= f.unit0[m + 1]) ++m;
-    while (q < f.unit0[m]) --m;
     const int64_t y = q - f.unit0[m];
     const scalar_t* __restrict__ x = f.src[m] + (p * f.h[m] + y) * f.w[m];
-    opmath_t* __restrict__ t = f.tmp + r * f.rows_per_unit * out_w;
+    opmath_t* __restrict__ t = f.tmp_row(p, m, y);
     const int32_t* __restrict__ c0 = f.cols[m].i0.data();
     const int32_t* __restrict__ c1 = f.cols[m].i1.data();
     const opmath_t* __restrict__ u0 = f.cols[m].l0.data();
     const opmath_t* __restrict__ u1 = f.cols[m].l1.data();
-    if (f.four_tap) {
+    if (f.four_tap[m]) {
       opmath_t* __restrict__ t1 = t + out_w;
 #pragma omp simd
       for (int64_t o = 0; o < out_w; ++o) {
@@ -217,142 +222,153 @@ BIASMAP_INLINE void width_pass(const Forward<scalar_t, opmath_t>& f, int64_t beg
   }
 }
 
-// Pass 2 of the separable path: output rows [begin, end) of (plane, out row).
-template <typename scalar_t, typename opmath_t, bool kFma>
-BIASMAP_INLINE void height_pass(
-    const Forward<scalar_t, opmath_t>& f, int64_t begin, int64_t end, opmath_t* acc) {
-  const int64_t out_w = f.out_w, plane = f.out_h * f.out_w;
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t p = r / f.out_h, oy = r % f.out_h;
-    if (f.per_map) {
-      for (int64_t m = 0; m < f.num_maps; ++m) {
-        const opmath_t* __restrict__ t0 = f.unit_rows(p, m, f.rows[m].i0[oy]);
-        const opmath_t* __restrict__ t1 = f.unit_rows(p, m, f.rows[m].i1[oy]);
-        const opmath_t a = f.rows[m].l0[oy], b = f.rows[m].l1[oy];
-        scalar_t* __restrict__ o =
-            f.out + plane_offset(p, m, f.num_maps, f.channels, true, plane) + oy * out_w;
-#pragma omp simd
-        for (int64_t x = 0; x < out_w; ++x) {
-          o[x] = static_cast<scalar_t>(lerp2<kFma>(t0[x], a, t1[x], b));
-        }
-      }
-      continue;
+// One map's contribution to one output row, as ATen computes each formula.
+template <typename opmath_t, bool kFma>
+struct SeparableTap {
+  const opmath_t* __restrict__ t0;
+  const opmath_t* __restrict__ t1;
+  opmath_t a, b;
+  BIASMAP_INLINE opmath_t operator()(int64_t x) const { return lerp2<kFma>(t0[x], a, t1[x], b); }
+};
+
+// All four taps are x[oy, o] with weights (1, 0, 0, 0): the sum is v + v * 0.
+template <typename scalar_t, typename opmath_t>
+struct IdentityTap {
+  const scalar_t* __restrict__ x;
+  BIASMAP_INLINE opmath_t operator()(int64_t o) const {
+    const opmath_t v = static_cast<opmath_t>(x[o]);
+    return v + v * opmath_t(0);
+  }
+};
+
+template <typename opmath_t, bool kFma, bool kVector, bool kHalf>
+struct FourTap {
+  const opmath_t* __restrict__ ea;  // rows i0: x[i0, c0[:]], then x[i0, c1[:]]
+  const opmath_t* __restrict__ ec;  // rows i1
+  const opmath_t* __restrict__ u0;
+  const opmath_t* __restrict__ u1;
+  opmath_t h0, h1;
+  int64_t out_w;
+  BIASMAP_INLINE opmath_t operator()(int64_t o) const {
+    const opmath_t a = ea[o], b = ea[out_w + o], c = ec[o], d = ec[out_w + o];
+    if constexpr (kVector) {
+      return bilinear4_vector<kFma, kHalf>(a, b, c, d, h0 * u0[o], h0 * u1[o], h1 * u0[o],
+                                           h1 * u1[o]);
+    } else {
+      return bilinear4<kFma, kHalf>(a, b, c, d, h0 * u0[o], h0 * u1[o], h1 * u0[o], h1 * u1[o]);
     }
-    scalar_t* __restrict__ o = f.out + p * plane + oy * out_w;
-    // float/double accumulate straight into the output row.
-    opmath_t* __restrict__ s =
-        std::is_same_v<scalar_t, opmath_t> ? reinterpret_cast<opmath_t*>(o) : acc;
-    std::fill(s, s + out_w, opmath_t(0));
-    for (int64_t m = 0; m < f.num_maps; ++m) {
-      const opmath_t* __restrict__ t0 = f.unit_rows(p, m, f.rows[m].i0[oy]);
-      const opmath_t* __restrict__ t1 = f.unit_rows(p, m, f.rows[m].i1[oy]);
-      const opmath_t a = f.rows[m].l0[oy], b = f.rows[m].l1[oy];
+  }
+};
+
+// Stores the map's row (per_map) or adds it to the running sum.
+template <typename scalar_t, typename opmath_t, typename Tap>
+BIASMAP_INLINE void emit_row(const Tap& tap, bool per_map, scalar_t* __restrict__ o,
+                             opmath_t* __restrict__ s, int64_t n) {
+  if (per_map) {
 #pragma omp simd
-      for (int64_t x = 0; x < out_w; ++x) {
-        s[x] += lerp2<kFma>(t0[x], a, t1[x], b);
-      }
-    }
-    if constexpr (!std::is_same_v<scalar_t, opmath_t>) {
+    for (int64_t x = 0; x < n; ++x) o[x] = static_cast<scalar_t>(tap(x));
+  } else {
 #pragma omp simd
-      for (int64_t x = 0; x < out_w; ++x) o[x] = static_cast<scalar_t>(s[x]);
-    }
+    for (int64_t x = 0; x < n; ++x) s[x] += tap(x);
   }
 }
 
-// Pass 2 of the four-tap path: output rows [begin, end) of (plane, out row).
+// Pass 2: output rows [begin, end) of (plane, out row); `acc` holds out_w values.
 template <typename scalar_t, typename opmath_t, bool kFma>
-BIASMAP_INLINE void four_tap_pass(
+BIASMAP_INLINE void output_pass(
     const Forward<scalar_t, opmath_t>& f, int64_t begin, int64_t end, opmath_t* acc) {
+  constexpr bool kHalf = std::is_same_v<scalar_t, at::Half>;
+  constexpr bool kReduced = sizeof(scalar_t) == 2;
+  // ATen's Vectorized<scalar_t>::size() in the 256-bit builds its kernel runs.
+  constexpr int64_t kVectorWidth = kReduced ? 16 : 32 / sizeof(scalar_t);
+  const int64_t vector_channels = resize::vector_channels(f.channels, kVectorWidth);
   const int64_t out_w = f.out_w, plane = f.out_h * f.out_w;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t p = r / f.out_h, oy = r % f.out_h;
-    opmath_t* __restrict__ s = acc;
+    const bool vector_channel = p % f.channels < vector_channels;
+    scalar_t* sum_row = f.out + p * plane + oy * out_w;
+    // float/double sums accumulate straight into the output row.
+    opmath_t* s = std::is_same_v<scalar_t, opmath_t> ? reinterpret_cast<opmath_t*>(sum_row) : acc;
     if (!f.per_map) std::fill(s, s + out_w, opmath_t(0));
     for (int64_t m = 0; m < f.num_maps; ++m) {
-      opmath_t* __restrict__ v = f.per_map ? acc : acc + out_w;
-      if (f.identity[m]) {
-        // All four taps are x[oy, o] with weights (1, 0, 0, 0): the sum is v + v * 0.
-        const scalar_t* __restrict__ x = f.src[m] + (p * f.h[m] + oy) * f.w[m];
-#pragma omp simd
-        for (int64_t o = 0; o < out_w; ++o) {
-          const opmath_t a = static_cast<opmath_t>(x[o]);
-          v[o] = a + a * opmath_t(0);
-        }
+      scalar_t* o = f.per_map
+          ? f.out + plane_offset(p, m, f.num_maps, f.channels, true, plane) + oy * out_w
+          : nullptr;
+      const auto& rows = f.rows[m];
+      if (!f.four_tap[m]) {
+        const SeparableTap<opmath_t, kFma> tap{f.tmp_row(p, m, rows.i0[oy]),
+                                               f.tmp_row(p, m, rows.i1[oy]), rows.l0[oy],
+                                               rows.l1[oy]};
+        emit_row(tap, f.per_map, o, s, out_w);
+      } else if (f.identity[m]) {
+        const IdentityTap<scalar_t, opmath_t> tap{f.src[m] + (p * f.h[m] + oy) * f.w[m]};
+        emit_row(tap, f.per_map, o, s, out_w);
+      } else if (vector_channel) {
+        const FourTap<opmath_t, kFma, true, kReduced> tap{
+            f.tmp_row(p, m, rows.i0[oy]), f.tmp_row(p, m, rows.i1[oy]), f.cols[m].l0.data(),
+            f.cols[m].l1.data(), rows.l0[oy], rows.l1[oy], out_w};
+        emit_row(tap, f.per_map, o, s, out_w);
       } else {
-        const opmath_t* __restrict__ ea = f.unit_rows(p, m, f.rows[m].i0[oy]);
-        const opmath_t* __restrict__ ec = f.unit_rows(p, m, f.rows[m].i1[oy]);
-        const opmath_t h0 = f.rows[m].l0[oy], h1 = f.rows[m].l1[oy];
-        const opmath_t* __restrict__ u0 = f.cols[m].l0.data();
-        const opmath_t* __restrict__ u1 = f.cols[m].l1.data();
-#pragma omp simd
-        for (int64_t o = 0; o < out_w; ++o) {
-          v[o] = bilinear4<kFma, std::is_same_v<scalar_t, at::Half>>(
-              ea[o], ea[out_w + o], ec[o], ec[out_w + o], h0 * u0[o], h0 * u1[o], h1 * u0[o],
-              h1 * u1[o]);
-        }
-      }
-      if (f.per_map) {
-        scalar_t* __restrict__ o =
-            f.out + plane_offset(p, m, f.num_maps, f.channels, true, plane) + oy * out_w;
-#pragma omp simd
-        for (int64_t x = 0; x < out_w; ++x) o[x] = static_cast<scalar_t>(v[x]);
-      } else {
-#pragma omp simd
-        for (int64_t x = 0; x < out_w; ++x) s[x] += v[x];
+        const FourTap<opmath_t, kFma, false, kHalf> tap{
+            f.tmp_row(p, m, rows.i0[oy]), f.tmp_row(p, m, rows.i1[oy]), f.cols[m].l0.data(),
+            f.cols[m].l1.data(), rows.l0[oy], rows.l1[oy], out_w};
+        emit_row(tap, f.per_map, o, s, out_w);
       }
     }
-    if (!f.per_map) {
-      scalar_t* __restrict__ o = f.out + p * plane + oy * out_w;
+    if constexpr (!std::is_same_v<scalar_t, opmath_t>) {
+      if (!f.per_map) {
 #pragma omp simd
-      for (int64_t x = 0; x < out_w; ++x) o[x] = static_cast<scalar_t>(s[x]);
+        for (int64_t x = 0; x < out_w; ++x) sum_row[x] = static_cast<scalar_t>(s[x]);
+      }
     }
   }
 }
 
 // Entry points per instruction set. The FMA variants are compiled for AVX2+FMA
 // and only called when the CPU has them (aten_uses_fma()).
-enum class Pass { kWidth, kHeight, kFourTap };
-
 template <typename scalar_t, typename opmath_t, bool kFma>
 BIASMAP_INLINE void forward_rows_body(
-    const Forward<scalar_t, opmath_t>& f, Pass pass, int64_t begin, int64_t end) {
-  std::vector<opmath_t> acc(pass == Pass::kWidth ? 0 : 2 * f.out_w);
-  switch (pass) {
-    case Pass::kWidth:
-      width_pass<scalar_t, opmath_t, kFma>(f, begin, end);
-      break;
-    case Pass::kHeight:
-      height_pass<scalar_t, opmath_t, kFma>(f, begin, end, acc.data());
-      break;
-    case Pass::kFourTap:
-      four_tap_pass<scalar_t, opmath_t, kFma>(f, begin, end, acc.data());
-      break;
+    const Forward<scalar_t, opmath_t>& f, bool width, int64_t begin, int64_t end) {
+  if (width) {
+    width_pass<scalar_t, opmath_t, kFma>(f, begin, end);
+    return;
   }
+  std::vector<opmath_t> acc(f.out_w);
+  output_pass<scalar_t, opmath_t, kFma>(f, begin, end, acc.data());
 }
 
 template <typename scalar_t, typename opmath_t>
 BIASMAP_TARGET_FMA void forward_rows_fma(
-    const Forward<scalar_t, opmath_t>& f, Pass pass, int64_t begin, int64_t end) {
-  forward_rows_body<scalar_t, opmath_t, true>(f, pass, begin, end);
+    const Forward<scalar_t, opmath_t>& f, bool width, int64_t begin, int64_t end) {
+  forward_rows_body<scalar_t, opmath_t, true>(f, width, begin, end);
 }
 
 template <typename scalar_t, typename opmath_t>
 void forward_rows_plain(
-    const Forward<scalar_t, opmath_t>& f, Pass pass, int64_t begin, int64_t end) {
-  forward_rows_body<scalar_t, opmath_t, false>(f, pass, begin, end);
+    const Forward<scalar_t, opmath_t>& f, bool width, int64_t begin, int64_t end) {
+  forward_rows_body<scalar_t, opmath_t, false>(f, width, begin, end);
 }
 
 template <typename scalar_t, typename opmath_t>
-void run_rows(const Forward<scalar_t, opmath_t>& f, Pass pass, int64_t num_rows, int64_t row_cost,
-              bool fma) {
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, row_cost));
+void run_rows(const Forward<scalar_t, opmath_t>& f, bool width, int64_t num_rows,
+              int64_t row_cost, bool fma) {
+  const int64_t grain =
+      std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, row_cost));
   at::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
     if (fma) {
-      forward_rows_fma<scalar_t, opmath_t>(f, pass, begin, end);
+      forward_rows_fma<scalar_t, opmath_t>(f, width, begin, end);
     } else {
-      forward_rows_plain<scalar_t, opmath_t>(f, pass, begin, end);
+      forward_rows_plain<scalar_t, opmath_t>(f, width, begin, end);
     }
   });
+}
+
+// ATen's formula for one map (the input's own memory format matters: a
+// channels-last input with more than 3 channels, which includes every 1x1 map,
+// takes the four-tap loop at any output size).
+bool map_four_tap(const at::Tensor& map, int64_t out_h, int64_t out_w, int num_threads) {
+  return resize::use_four_tap(out_h, out_w, map.size(1), num_threads) ||
+      (map.size(1) > 3 && map.is_contiguous(at::MemoryFormat::ChannelsLast));
 }
 
 struct MapsInfo {
@@ -406,10 +422,10 @@ at::Tensor resize_aggregate_fwd(at::TensorList maps_in, int64_t out_h, int64_t o
   if (num_planes == 0) return out;
 
   const bool fma = aten_uses_fma();
-  const bool four_tap =
-      resize::use_four_tap(out_h, out_w, info.channels, at::get_num_threads());
+  const int num_threads = at::get_num_threads();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, info.dtype, "resize_aggregate_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, info.dtype, "resize_aggregate_fwd", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     Forward<scalar_t, opmath_t> f;
     f.num_planes = num_planes;
@@ -419,27 +435,30 @@ at::Tensor resize_aggregate_fwd(at::TensorList maps_in, int64_t out_h, int64_t o
     f.out_w = out_w;
     f.per_map = per_map;
     f.out = out.data_ptr<scalar_t>();
-    f.four_tap = four_tap;
-    f.rows_per_unit = four_tap ? 2 : 1;
     f.unit0.assign(1, 0);
-    for (const auto& m : maps) {
+    f.row0.assign(1, 0);
+    for (int64_t i = 0; i < num_maps; ++i) {
+      const at::Tensor& m = maps[i];
       const int64_t h = m.size(2), w = m.size(3);
+      const bool four_tap = map_four_tap(maps_in[i], out_h, out_w, num_threads);
       const bool identity = four_tap && h == out_h && w == out_w;
+      const int64_t width = identity ? 0 : (four_tap ? 2 : 1);
       f.src.push_back(m.const_data_ptr<scalar_t>());
       f.h.push_back(h);
       f.w.push_back(w);
+      f.four_tap.push_back(four_tap);
       f.identity.push_back(identity);
+      f.width.push_back(width);
       f.rows.push_back(make_axis<scalar_t, opmath_t>(h, out_h, four_tap, fma));
       f.cols.push_back(make_axis<scalar_t, opmath_t>(w, out_w, four_tap, fma));
-      f.unit0.push_back(f.unit0.back() + (identity ? 0 : h));
+      f.unit0.push_back(f.unit0.back() + (width > 0 ? h : 0));
+      f.row0.push_back(f.row0.back() + width * h);
     }
-    const int64_t units = num_planes * f.units_per_plane();
-    at::Tensor tmp = at::empty({units * f.rows_per_unit, out_w},
+    at::Tensor tmp = at::empty({num_planes * f.row0.back(), out_w},
                                options.dtype(c10::CppTypeToScalarType<opmath_t>::value));
     f.tmp = tmp.data_ptr<opmath_t>();
-    run_rows(f, Pass::kWidth, units, f.rows_per_unit * out_w, fma);
-    run_rows(f, four_tap ? Pass::kFourTap : Pass::kHeight, num_planes * out_h,
-             2 * num_maps * out_w, fma);
+    run_rows(f, /*width=*/true, num_planes * f.units_per_plane(), 2 * out_w, fma);
+    run_rows(f, /*width=*/false, num_planes * out_h, 2 * num_maps * out_w, fma);
   });
   return out;
 }
@@ -457,6 +476,7 @@ struct Backward {
   // or each map alone (per_map mode).
   struct Group {
     int64_t h, w;
+    bool four_tap;
     std::vector<int64_t> members;
     Csr<opmath_t> rows, cols;
   };
@@ -576,10 +596,10 @@ std::vector<at::Tensor> resize_aggregate_bwd(const at::Tensor& grad_in, at::Tens
   if (num_planes == 0) return grads;
 
   const bool fma = aten_uses_fma();
-  const bool four_tap =
-      resize::use_four_tap(out_h, out_w, info.channels, at::get_num_threads());
+  const int num_threads = at::get_num_threads();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, info.dtype, "resize_aggregate_bwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, info.dtype, "resize_aggregate_bwd", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     using Group = typename Backward<scalar_t, opmath_t>::Group;
     Backward<scalar_t, opmath_t> k;
@@ -593,10 +613,13 @@ std::vector<at::Tensor> resize_aggregate_bwd(const at::Tensor& grad_in, at::Tens
     for (auto& g : grads) k.grad_maps.push_back(g.data_ptr<scalar_t>());
     for (int64_t m = 0; m < num_maps; ++m) {
       const int64_t h = maps[m].size(2), w = maps[m].size(3);
+      // The adjoint of the weights the forward used (they differ between ATen's
+      // two formulas only in how fp16/bf16 weights are rounded).
+      const bool four_tap = map_four_tap(maps[m], out_h, out_w, num_threads);
       Group* found = nullptr;
       if (!per_map) {
         for (auto& g : k.groups) {
-          if (g.h == h && g.w == w) found = &g;
+          if (g.h == h && g.w == w && g.four_tap == four_tap) found = &g;
         }
       }
       if (found != nullptr) {
@@ -606,6 +629,7 @@ std::vector<at::Tensor> resize_aggregate_bwd(const at::Tensor& grad_in, at::Tens
       Group g;
       g.h = h;
       g.w = w;
+      g.four_tap = four_tap;
       g.members.push_back(m);
       g.rows = transpose_axis(make_axis<scalar_t, opmath_t>(h, out_h, four_tap, fma), h);
       g.cols = transpose_axis(make_axis<scalar_t, opmath_t>(w, out_w, four_tap, fma), w);
@@ -621,7 +645,8 @@ std::vector<at::Tensor> resize_aggregate_bwd(const at::Tensor& grad_in, at::Tens
     for (const bool height : {true, false}) {
       // A source row gathers ~2 out_h / h gradient rows of out_w in pass 1, and
       // ~2 out_w values in pass 2.
-      const int64_t cost = height ? 2 * out_w * std::max<int64_t>(1, out_h / k.groups[0].h) : 2 * out_w;
+      const int64_t cost =
+          height ? 2 * out_w * std::max<int64_t>(1, out_h / k.groups[0].h) : 2 * out_w;
       const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / cost);
       at::parallel_for(0, v_rows, grain, [&](int64_t begin, int64_t end) {
         if (fma) {
