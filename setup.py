@@ -25,7 +25,7 @@ def _extensions():
     debug = os.environ.get("BIASMAP_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # OpenMP SIMD pragmas vectorise the exp/log loops; the thread pool is ATen's.
-    cxx_flags = [*opt, "-std=c++17", "-fopenmp-simd", "-fno-math-errno"]
+    cxx_flags = [*opt, "-std=c++20", "-fopenmp-simd", "-fno-math-errno"]
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     include_dirs = [os.path.join(ROOT, "csrc")]
 
@@ -42,7 +42,7 @@ def _extensions():
             include_dirs=include_dirs,
             extra_compile_args={
                 "cxx": [*cxx_flags, "-DBIASMAP_WITH_CUDA"],
-                "nvcc": [*opt, "-std=c++17", "--use_fast_math", "-DBIASMAP_WITH_CUDA", *gencode],
+                "nvcc": [*opt, "-std=c++20", "--use_fast_math", "-DBIASMAP_WITH_CUDA", *gencode],
             },
         )
     else:

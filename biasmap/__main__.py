@@ -1,0 +1,3 @@
+from biasmap.cli import main
+
+main()
