@@ -66,9 +66,9 @@ BIASMAP_FORCEINLINE void scan_anchor_impl(const T* __restrict x, int64_t n, T* a
   T a0 = std::numeric_limits<T>::infinity(), a1 = std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(min : a0, a1)
   for (int64_t i = 0; i < n; ++i) {
-    const T v0 = x[i] < T(0) ? -x[i] : x[i];
+    const T v0 = fm::select(x[i] < T(0), -x[i], x[i]);
     const T d1 = x[i] - T(1);
-    const T v1 = d1 < T(0) ? -d1 : d1;
+    const T v1 = fm::select(d1 < T(0), -d1, d1);
     a0 = v0 < a0 ? v0 : a0;
     a1 = v1 < a1 ? v1 : a1;
   }
@@ -76,22 +76,24 @@ BIASMAP_FORCEINLINE void scan_anchor_impl(const T* __restrict x, int64_t n, T* a
   *a1_out = a1;
 }
 
-// (sum sigmoid(d_i), sum sigmoid'(d_i)); optionally stores sigmoid(d_i).
+// (sum s_i, sum s_i', sum s_i' (1 - 2 s_i)) with s_i = sigmoid(d_i), s_i' its
+// derivative: the solver's S, W and V; optionally stores s_i.
 template <typename T>
-BIASMAP_FORCEINLINE Sums2 exact_eval_impl(const T* __restrict x, int64_t n, T shift, T scale,
+BIASMAP_FORCEINLINE Sums4 exact_eval_impl(const T* __restrict x, int64_t n, T shift, T scale,
                                           stk::Affine<T> af, T* __restrict out) {
-  double s = 0.0, w = 0.0;
+  double s = 0.0, w = 0.0, v = 0.0;
   if (out == nullptr) {
-#pragma omp simd reduction(+ : s, w)
+#pragma omp simd reduction(+ : s, w, v)
     for (int64_t i = 0; i < n; ++i) {
       const T d = stk::affine_eval(af, (x[i] - shift) * scale);
       T p, q, dw;
       stk::sigmoid_parts(d, p, q, dw);
       s += static_cast<double>(p);
       w += static_cast<double>(dw);
+      v += static_cast<double>(dw * (q - p));
     }
   } else {
-#pragma omp simd reduction(+ : s, w)
+#pragma omp simd reduction(+ : s, w, v)
     for (int64_t i = 0; i < n; ++i) {
       const T d = stk::affine_eval(af, (x[i] - shift) * scale);
       T p, q, dw;
@@ -99,9 +101,10 @@ BIASMAP_FORCEINLINE Sums2 exact_eval_impl(const T* __restrict x, int64_t n, T sh
       out[i] = p;
       s += static_cast<double>(p);
       w += static_cast<double>(dw);
+      v += static_cast<double>(dw * (q - p));
     }
   }
-  return {s, w};
+  return {s, w, v, 0.0};
 }
 
 template <typename T>
@@ -135,9 +138,9 @@ BIASMAP_FORCEINLINE Sums2 sk_first_impl(const T* __restrict x, int64_t n, T shif
 #pragma omp simd reduction(+ : s0, s1)
   for (int64_t i = 0; i < n; ++i) {
     const T y = (x[i] - shift) * scale;
-    const T u0 = y < T(0) ? -y : y;
+    const T u0 = fm::select(y < T(0), -y, y);
     const T ym = y - T(1);
-    const T u1 = ym < T(0) ? -ym : ym;
+    const T u1 = fm::select(ym < T(0), -ym, ym);
     s0 += static_cast<double>(fm::exp(-(u0 - a0) * (u0 + a0) * inv_tau));
     s1 += static_cast<double>(fm::exp(-(u1 - a1) * (u1 + a1) * inv_tau));
   }
@@ -162,7 +165,8 @@ BIASMAP_FORCEINLINE Sums2 sk_eval_impl(const T* __restrict x, int64_t n, T shift
       sb += static_cast<double>(q);
     }
   } else {
-    const T sign = mode == 1 ? T(1) : T(-1);
+    const bool shift_a = mode == 1;
+    const T sign = shift_a ? T(1) : T(-1);
 #pragma omp simd reduction(+ : sa, sb)
     for (int64_t i = 0; i < n; ++i) {
       const T y = (x[i] - shift) * scale;
@@ -170,8 +174,8 @@ BIASMAP_FORCEINLINE Sums2 sk_eval_impl(const T* __restrict x, int64_t n, T shift
       T p, q, dw;
       stk::sigmoid_parts(d, p, q, dw);
       const T rel = fm::exp(sign * af.beta * (y - y_ref));
-      sa += static_cast<double>(mode == 1 ? rel * q : p);
-      sb += static_cast<double>(mode == 1 ? q : rel * p);
+      sa += static_cast<double>(fm::select(shift_a, rel * q, p));
+      sb += static_cast<double>(fm::select(shift_a, q, rel * p));
     }
   }
   return {sa, sb};
@@ -194,9 +198,9 @@ BIASMAP_FORCEINLINE Sums4 sk_bwd_start_impl(const T* __restrict x, const T* __re
     const T c = g[i] * dw;
     cbar[i] = c;
     sg += static_cast<double>(c);
-    const T u0 = y < T(0) ? -y : y;
+    const T u0 = fm::select(y < T(0), -y, y);
     const T ym = y - T(1);
-    const T u1 = ym < T(0) ? -ym : ym;
+    const T u1 = fm::select(ym < T(0), -ym, ym);
     s0 += static_cast<double>(fm::exp(-(u0 - a0) * (u0 + a0) * inv_tau));
     s1 += static_cast<double>(fm::exp(-(u1 - a1) * (u1 + a1) * inv_tau));
   }
@@ -227,7 +231,8 @@ BIASMAP_FORCEINLINE Sums2 sk_bwd_iter_impl(const T* __restrict x, int64_t n, T s
     }
     ub = ua;
   } else {
-    const T sign = mode == 1 ? T(1) : T(-1);
+    const bool shift_a = mode == 1;
+    const T sign = shift_a ? T(1) : T(-1);
 #pragma omp simd reduction(+ : ua, ub)
     for (int64_t i = 0; i < n; ++i) {
       const T y = (x[i] - shift) * scale;
@@ -235,8 +240,8 @@ BIASMAP_FORCEINLINE Sums2 sk_bwd_iter_impl(const T* __restrict x, int64_t n, T s
       T p, q, dw;
       stk::sigmoid_parts(d, p, q, dw);
       const T rel = fm::exp(sign * af.beta * (y - y_ref));
-      const T ta = mode == 1 ? q * (rel * q) : dw;
-      const T tb = mode == 1 ? dw : p * (rel * p);
+      const T ta = fm::select(shift_a, q * (rel * q), dw);
+      const T tb = fm::select(shift_a, dw, p * (rel * p));
       cbar[i] -= ka * ta + kb * tb;
       ua += static_cast<double>(ta);
       ub += static_cast<double>(tb);
@@ -257,9 +262,9 @@ BIASMAP_FORCEINLINE Sums2 sk_bwd_end_impl(const T* __restrict x, int64_t n, T sh
 #pragma omp simd reduction(+ : sy, syy)
   for (int64_t i = 0; i < n; ++i) {
     const T y = (x[i] - shift) * scale;
-    const T u0 = y < T(0) ? -y : y;
+    const T u0 = fm::select(y < T(0), -y, y);
     const T ym = y - T(1);
-    const T u1 = ym < T(0) ? -ym : ym;
+    const T u1 = fm::select(ym < T(0), -ym, ym);
     const T p0 = fm::exp(-(u0 - a0) * (u0 + a0) * inv_tau) * inv0;
     const T p1 = fm::exp(-(u1 - a1) * (u1 + a1) * inv_tau) * inv1;
     const T v = beta * cbar[i] + dbar1 * beta * (p1 * ym - p0 * y);
@@ -298,8 +303,8 @@ BIASMAP_FORCEINLINE void ex_bwd_write_impl(const T* __restrict x, const T* __res
   for (int64_t i = 0; i < n; ++i) {
     const T w = m[i] * (T(1) - m[i]);
     T v = coef * w * (g[i] - mu);
-    v += x[i] == mn ? gmin : T(0);
-    v += x[i] == mx ? gmax : T(0);
+    v += fm::select(x[i] == mn, gmin, T(0));
+    v += fm::select(x[i] == mx, gmax, T(0));
     out[i] = v;
   }
 }
@@ -311,8 +316,8 @@ BIASMAP_FORCEINLINE void minmax_bwd_write_impl(const T* __restrict x, const T* _
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     T v = ybar[i] * scale;
-    v += x[i] == mn ? gmin : T(0);
-    v += x[i] == mx ? gmax : T(0);
+    v += fm::select(x[i] == mn, gmin, T(0));
+    v += fm::select(x[i] == mx, gmax, T(0));
     out[i] = v;
   }
 }
@@ -323,8 +328,8 @@ BIASMAP_FORCEINLINE void count_ties_impl(const T* __restrict x, int64_t n, T mn,
   int64_t a = 0, b = 0;
 #pragma omp simd reduction(+ : a, b)
   for (int64_t i = 0; i < n; ++i) {
-    a += x[i] == mn ? 1 : 0;
-    b += x[i] == mx ? 1 : 0;
+    a += static_cast<int64_t>(x[i] == mn);
+    b += static_cast<int64_t>(x[i] == mx);
   }
   *cmin = a;
   *cmax = b;
@@ -339,7 +344,7 @@ BIASMAP_FORCEINLINE void count_ties_impl(const T* __restrict x, int64_t n, T mn,
   BIASMAP_CPU_CLONES void scan_anchor(const T* x, int64_t n, T* a0, T* a1) {                      \
     scan_anchor_impl(x, n, a0, a1);                                                               \
   }                                                                                               \
-  BIASMAP_CPU_CLONES Sums2 exact_eval(const T* x, int64_t n, T shift, T scale, stk::Affine<T> af, \
+  BIASMAP_CPU_CLONES Sums4 exact_eval(const T* x, int64_t n, T shift, T scale, stk::Affine<T> af, \
                                       T* out) {                                                   \
     return exact_eval_impl(x, n, shift, scale, af, out);                                          \
   }                                                                                               \
@@ -491,8 +496,8 @@ double solve_threshold(const C* x, int64_t n, C shift, C scale, double k, double
   sv.init(lo, hi, t0);
   bool done = false;
   for (int it = 0; it < stk::kExactMaxIters && !done; ++it) {
-    const Sums2 sw = exact_eval(x, n, shift, scale, stk::make_affine<C>(sv.t, beta), out);
-    done = sv.step(sw.a, sw.b, k, static_cast<double>(n), beta, tol);
+    const Sums4 sw = exact_eval(x, n, shift, scale, stk::make_affine<C>(sv.t, beta), out);
+    done = sv.step(sw.a, sw.b, sw.c, k, static_cast<double>(n), beta, tol);
   }
   if (written) *written = done && out != nullptr;
   if (nudge) *nudge = beta * sv.correction;
@@ -542,10 +547,12 @@ void exact_fwd_row(const S* x_raw, S* mask_raw, double* st, int64_t n, int64_t k
     t = solve_threshold<C>(x, n, nm.shift, nm.scale, kd, beta, lo, hi, t0, exact_tol<C>(), m,
                            &written, &nudge);
   }
-  // The last pass stored the mask before the final Newton correction; the
-  // correction is only applied when it is small (|r| <= W), so its first-order
-  // effect replaces a full exp pass up to O(r^2 / W), the correction's own error.
-  if (written) {
+  // The last pass stored the mask at the threshold before the final correction,
+  // which shifts every d_i by -nudge. When that shift is so small that its
+  // second-order effect (<= nudge^2 / 20) is below C's resolution, a first-order
+  // update replaces a full exp pass; it also keeps the mask in [0, 1] (|nudge| <= 1).
+  const double nudge_max = std::is_same_v<C, double> ? 3e-8 : 5e-4;
+  if (written && std::fabs(nudge) <= nudge_max) {
     if (nudge != 0.0) mask_nudge(m, n, static_cast<C>(nudge));
   } else {
     mask_write(x, n, nm.shift, nm.scale, stk::make_affine<C>(t, beta), m);
