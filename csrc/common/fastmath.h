@@ -27,11 +27,14 @@
 #define BIASMAP_FORCEINLINE inline
 #endif
 
-// Hot CPU loops are compiled twice (AVX2+FMA and baseline x86-64) and picked at
-// load time, so a wheel built without -march still uses 256-bit vectors.
+// Hot CPU loops are compiled for the x86-64 ISA levels v4 (AVX-512), v3 (AVX2
+// + FMA) and the baseline, and picked at load time, so a build without -march
+// still uses wide vectors. (Not "arch=haswell": its resolver tests the CPU
+// model, so it is never taken on AMD or newer Intel parts.)
 #if !defined(__CUDACC__) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
     defined(__linux__)
-#define BIASMAP_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define BIASMAP_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define BIASMAP_CPU_CLONES
 #endif

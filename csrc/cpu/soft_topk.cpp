@@ -34,7 +34,17 @@ namespace fm = ::biasmap::fastmath;
 // ---------------------------------------------------------------------------
 // Vectorised passes. y_i = (x_i - shift) * scale is recomputed in every pass
 // rather than stored: it costs two flops and saves a row of memory traffic.
+//
+// Long sums are blocked: kBlock entries are summed in the compute type T (each
+// SIMD lane adds kBlock / width values), the block sums in double. Widening
+// every element to double instead costs about a third of a pass. Sums of
+// sigmoids use the small side: sigmoid(d) = [d >= 0] + s with s = -sigmoid(-d)
+// or sigmoid(d), |s| <= 1/2 and tiny for saturated entries, so the float
+// partial sums stay small and S = count + sum(s) keeps ~1e-7 relative
+// precision (plain float sums of k ones and fractions lose ~1e-5).
 // ---------------------------------------------------------------------------
+
+constexpr int64_t kBlock = 512;
 
 struct Sums2 {
   double a, b;
@@ -48,11 +58,16 @@ BIASMAP_FORCEINLINE void scan_impl(const T* __restrict x, int64_t n, T* mn_out, 
                                    double* sum_out) {
   T mn = x[0], mx = x[0];
   double sum = 0.0;
-#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    mn = x[i] < mn ? x[i] : mn;
-    mx = x[i] > mx ? x[i] : mx;
-    sum += static_cast<double>(x[i]);
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    T part = T(0);
+#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(+ : part)
+    for (int64_t i = b; i < e; ++i) {
+      mn = x[i] < mn ? x[i] : mn;
+      mx = x[i] > mx ? x[i] : mx;
+      part += x[i];
+    }
+    sum += static_cast<double>(part);
   }
   *mn_out = mn;
   *mx_out = mx;
@@ -76,47 +91,77 @@ BIASMAP_FORCEINLINE void scan_anchor_impl(const T* __restrict x, int64_t n, T* a
   *a1_out = a1;
 }
 
-// (sum s_i, sum s_i', sum s_i' (1 - 2 s_i)) with s_i = sigmoid(d_i), s_i' its
-// derivative: the solver's S, W and V; optionally stores s_i.
+// Sigmoid of d split for the passes, from one exp of -|d| (no overflow, and
+// the small side keeps full relative precision): pos = sigmoid(d),
+// neg = sigmoid(-d), small = pos - [d >= 0] (the signed small side),
+// deriv = sigmoid'(d) = pos * neg, diff = neg - pos = 1 - 2 pos.
+template <typename T>
+struct Sig {
+  T pos, neg, small, deriv, diff;
+  int32_t nonneg;
+};
+
+template <typename T>
+BIASMAP_FORCEINLINE Sig<T> sig(T d) {
+  const bool nonneg = d >= T(0);
+  const T e = fm::exp(fm::select(nonneg, -d, d));
+  const T r = T(1) / (T(1) + e);
+  const T er = e * r;  // the smaller of sigmoid(d), sigmoid(-d)
+  Sig<T> s;
+  s.pos = fm::select(nonneg, r, er);
+  s.neg = fm::select(nonneg, er, r);
+  s.small = fm::select(nonneg, -er, er);
+  s.deriv = er * r;
+  const T big_minus_small = r - er;
+  s.diff = fm::select(nonneg, -big_minus_small, big_minus_small);
+  s.nonneg = static_cast<int32_t>(nonneg);
+  return s;
+}
+
+// (S, W, V) = (sum s_i, sum s_i', sum s_i' (1 - 2 s_i)) with s_i = sigmoid(d_i):
+// the solver's S, -S' / beta and S'' / beta^2; optionally stores s_i.
 template <typename T>
 BIASMAP_FORCEINLINE Sums4 exact_eval_impl(const T* __restrict x, int64_t n, T shift, T scale,
                                           stk::Affine<T> af, T* __restrict out) {
-  double s = 0.0, w = 0.0, v = 0.0;
-  if (out == nullptr) {
-#pragma omp simd reduction(+ : s, w, v)
-    for (int64_t i = 0; i < n; ++i) {
-      const T d = stk::affine_eval(af, (x[i] - shift) * scale);
-      T p, q, dw;
-      stk::sigmoid_parts(d, p, q, dw);
-      s += static_cast<double>(p);
-      w += static_cast<double>(dw);
-      v += static_cast<double>(dw * (q - p));
+  double s_tot = 0.0, w_tot = 0.0, v_tot = 0.0;
+  int64_t cnt_tot = 0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    T s = T(0), w = T(0), v = T(0);
+    int32_t cnt = 0;
+    if (out == nullptr) {
+#pragma omp simd reduction(+ : s, w, v, cnt)
+      for (int64_t i = b; i < e; ++i) {
+        const Sig<T> g = sig(stk::affine_eval(af, (x[i] - shift) * scale));
+        s += g.small;
+        cnt += g.nonneg;
+        w += g.deriv;
+        v += g.deriv * g.diff;
+      }
+    } else {
+#pragma omp simd reduction(+ : s, w, v, cnt)
+      for (int64_t i = b; i < e; ++i) {
+        const Sig<T> g = sig(stk::affine_eval(af, (x[i] - shift) * scale));
+        out[i] = g.pos;
+        s += g.small;
+        cnt += g.nonneg;
+        w += g.deriv;
+        v += g.deriv * g.diff;
+      }
     }
-  } else {
-#pragma omp simd reduction(+ : s, w, v)
-    for (int64_t i = 0; i < n; ++i) {
-      const T d = stk::affine_eval(af, (x[i] - shift) * scale);
-      T p, q, dw;
-      stk::sigmoid_parts(d, p, q, dw);
-      out[i] = p;
-      s += static_cast<double>(p);
-      w += static_cast<double>(dw);
-      v += static_cast<double>(dw * (q - p));
-    }
+    s_tot += static_cast<double>(s);
+    cnt_tot += cnt;
+    w_tot += static_cast<double>(w);
+    v_tot += static_cast<double>(v);
   }
-  return {s, w, v, 0.0};
+  return {static_cast<double>(cnt_tot) + s_tot, w_tot, v_tot, 0.0};
 }
 
 template <typename T>
 BIASMAP_FORCEINLINE void mask_impl(const T* __restrict x, int64_t n, T shift, T scale,
                                    stk::Affine<T> af, T* __restrict out) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const T d = stk::affine_eval(af, (x[i] - shift) * scale);
-    T p, q, dw;
-    stk::sigmoid_parts(d, p, q, dw);
-    out[i] = p;
-  }
+  for (int64_t i = 0; i < n; ++i) out[i] = sig(stk::affine_eval(af, (x[i] - shift) * scale)).pos;
 }
 
 // First-order move of a stored mask to a threshold shifted by a tiny amount:
@@ -127,56 +172,77 @@ BIASMAP_FORCEINLINE void mask_nudge_impl(T* __restrict m, int64_t n, T a) {
   for (int64_t i = 0; i < n; ++i) m[i] = m[i] - a * m[i] * (T(1) - m[i]);
 }
 
-// Sinkhorn first iteration (f = 0): sum_i exp(S_i0 - max S_0) and the same for
-// S_1, with S_i0 = -y_i^2 / tau, S_i1 = -(y_i - 1)^2 / tau and a0 = min |y|,
-// a1 = min |y - 1| (so the exponents are <= 0). The differences of squares
-// are factored so that large |y| keeps its precision.
+// exp(S_i0 - max S_0) and exp(S_i1 - max S_1), with S_i0 = -y_i^2 / tau,
+// S_i1 = -(y_i - 1)^2 / tau and a0 = min |y|, a1 = min |y - 1| (so the exponents
+// are <= 0). The differences of squares are factored so that large |y| keeps
+// its precision.
+template <typename T>
+BIASMAP_FORCEINLINE void kernel_terms(T y, T inv_tau, T a0, T a1, T* e0, T* e1) {
+  const T u0 = fm::select(y < T(0), -y, y);
+  const T ym = y - T(1);
+  const T u1 = fm::select(ym < T(0), -ym, ym);
+  *e0 = fm::exp(-(u0 - a0) * (u0 + a0) * inv_tau);
+  *e1 = fm::exp(-(u1 - a1) * (u1 + a1) * inv_tau);
+}
+
+// Sinkhorn first iteration (f = 0): sum_i exp(S_i0 - max S_0), same for S_1.
 template <typename T>
 BIASMAP_FORCEINLINE Sums2 sk_first_impl(const T* __restrict x, int64_t n, T shift, T scale,
                                         T inv_tau, T a0, T a1) {
-  double s0 = 0.0, s1 = 0.0;
+  double s0_tot = 0.0, s1_tot = 0.0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    T s0 = T(0), s1 = T(0);
 #pragma omp simd reduction(+ : s0, s1)
-  for (int64_t i = 0; i < n; ++i) {
-    const T y = (x[i] - shift) * scale;
-    const T u0 = fm::select(y < T(0), -y, y);
-    const T ym = y - T(1);
-    const T u1 = fm::select(ym < T(0), -ym, ym);
-    s0 += static_cast<double>(fm::exp(-(u0 - a0) * (u0 + a0) * inv_tau));
-    s1 += static_cast<double>(fm::exp(-(u1 - a1) * (u1 + a1) * inv_tau));
+    for (int64_t i = b; i < e; ++i) {
+      T e0, e1;
+      kernel_terms((x[i] - shift) * scale, inv_tau, a0, a1, &e0, &e1);
+      s0 += e0;
+      s1 += e1;
+    }
+    s0_tot += static_cast<double>(s0);
+    s1_tot += static_cast<double>(s1);
   }
-  return {s0, s1};
+  return {s0_tot, s1_tot};
 }
 
 // Sinkhorn iteration sums A = sum sigmoid(d_i), B = sum sigmoid(-d_i).
-// mode 0: plain. mode 1 (every d_i < 0, A could underflow): A is returned as
-// A e^{-d_max} = sum exp(beta (y_i - y_max)) sigmoid(-d_i). mode 2 (every
-// d_i > 0): B is returned as B e^{d_min} = sum exp(beta (y_min - y_i)) sigmoid(d_i).
+// mode 0: plain (A = count + small, B = (n - count) - small). mode 1 (every
+// d_i < 0, A could underflow): A is returned as A e^{-d_max} = sum exp(beta
+// (y_i - y_max)) sigmoid(-d_i). mode 2 (every d_i > 0): B is returned as
+// B e^{d_min} = sum exp(beta (y_min - y_i)) sigmoid(d_i). Modes 1-2 only occur
+// in the first iterations on extreme inputs, so they are not blocked.
 template <typename T>
 BIASMAP_FORCEINLINE Sums2 sk_eval_impl(const T* __restrict x, int64_t n, T shift, T scale,
                                        stk::Affine<T> af, int mode, T y_ref) {
-  double sa = 0.0, sb = 0.0;
   if (mode == 0) {
-#pragma omp simd reduction(+ : sa, sb)
-    for (int64_t i = 0; i < n; ++i) {
-      const T d = stk::affine_eval(af, (x[i] - shift) * scale);
-      T p, q, dw;
-      stk::sigmoid_parts(d, p, q, dw);
-      sa += static_cast<double>(p);
-      sb += static_cast<double>(q);
+    double s_tot = 0.0;
+    int64_t cnt_tot = 0;
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t e = std::min(n, b + kBlock);
+      T s = T(0);
+      int32_t cnt = 0;
+#pragma omp simd reduction(+ : s, cnt)
+      for (int64_t i = b; i < e; ++i) {
+        const Sig<T> g = sig(stk::affine_eval(af, (x[i] - shift) * scale));
+        s += g.small;
+        cnt += g.nonneg;
+      }
+      s_tot += static_cast<double>(s);
+      cnt_tot += cnt;
     }
-  } else {
-    const bool shift_a = mode == 1;
-    const T sign = shift_a ? T(1) : T(-1);
+    return {static_cast<double>(cnt_tot) + s_tot, static_cast<double>(n - cnt_tot) - s_tot};
+  }
+  double sa = 0.0, sb = 0.0;
+  const bool shift_a = mode == 1;
+  const T sign = shift_a ? T(1) : T(-1);
 #pragma omp simd reduction(+ : sa, sb)
-    for (int64_t i = 0; i < n; ++i) {
-      const T y = (x[i] - shift) * scale;
-      const T d = stk::affine_eval(af, y);
-      T p, q, dw;
-      stk::sigmoid_parts(d, p, q, dw);
-      const T rel = fm::exp(sign * af.beta * (y - y_ref));
-      sa += static_cast<double>(fm::select(shift_a, rel * q, p));
-      sb += static_cast<double>(fm::select(shift_a, q, rel * p));
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    const T y = (x[i] - shift) * scale;
+    const Sig<T> g = sig(stk::affine_eval(af, y));
+    const T rel = fm::exp(sign * af.beta * (y - y_ref));
+    sa += static_cast<double>(fm::select(shift_a, rel * g.neg, g.pos));
+    sb += static_cast<double>(fm::select(shift_a, g.neg, rel * g.pos));
   }
   return {sa, sb};
 }
@@ -188,23 +254,26 @@ template <typename T>
 BIASMAP_FORCEINLINE Sums4 sk_bwd_start_impl(const T* __restrict x, const T* __restrict g,
                                             int64_t n, T shift, T scale, stk::Affine<T> af,
                                             T inv_tau, T a0, T a1, T* __restrict cbar) {
-  double sg = 0.0, s0 = 0.0, s1 = 0.0;
+  double sg_tot = 0.0, s0_tot = 0.0, s1_tot = 0.0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    T sg = T(0), s0 = T(0), s1 = T(0);
 #pragma omp simd reduction(+ : sg, s0, s1)
-  for (int64_t i = 0; i < n; ++i) {
-    const T y = (x[i] - shift) * scale;
-    const T d = stk::affine_eval(af, y);
-    T p, q, dw;
-    stk::sigmoid_parts(d, p, q, dw);
-    const T c = g[i] * dw;
-    cbar[i] = c;
-    sg += static_cast<double>(c);
-    const T u0 = fm::select(y < T(0), -y, y);
-    const T ym = y - T(1);
-    const T u1 = fm::select(ym < T(0), -ym, ym);
-    s0 += static_cast<double>(fm::exp(-(u0 - a0) * (u0 + a0) * inv_tau));
-    s1 += static_cast<double>(fm::exp(-(u1 - a1) * (u1 + a1) * inv_tau));
+    for (int64_t i = b; i < e; ++i) {
+      const T y = (x[i] - shift) * scale;
+      const T c = g[i] * sig(stk::affine_eval(af, y)).deriv;
+      cbar[i] = c;
+      sg += c;
+      T e0, e1;
+      kernel_terms(y, inv_tau, a0, a1, &e0, &e1);
+      s0 += e0;
+      s1 += e1;
+    }
+    sg_tot += static_cast<double>(sg);
+    s0_tot += static_cast<double>(s0);
+    s1_tot += static_cast<double>(s1);
   }
-  return {sg, s0, s1, 0.0};
+  return {sg_tot, s0_tot, s1_tot, 0.0};
 }
 
 // Sinkhorn backward through delta_{s+1} = delta_s + L - log A_s + log B_s:
@@ -213,39 +282,41 @@ BIASMAP_FORCEINLINE Sums4 sk_bwd_start_impl(const T* __restrict x, const T* __re
 // (A' = A e^{-sA}, B' = B e^{-sB}), w_i / A = sigmoid(-d_i) pa_i / A' where
 // pa_i = sigmoid(d_i) e^{-sA} is O(1): no 0 * inf in the saturated regimes.
 // cbar_i -= ka * sigmoid(-d_i) pa_i + kb * sigmoid(d_i) qb_i with
-// ka = dbar / A', kb = dbar / B'. Returns (sum sigmoid(-d) pa, sum sigmoid(d) qb)
-// = (W / A', W / B') * (A', B') for the delta adjoint.
+// ka = dbar / A', kb = dbar / B'. Returns (sum sigmoid(-d) pa, sum sigmoid(d) qb),
+// i.e. (W / A', W / B') * (A', B'), for the delta adjoint.
 template <typename T>
 BIASMAP_FORCEINLINE Sums2 sk_bwd_iter_impl(const T* __restrict x, int64_t n, T shift, T scale,
                                            stk::Affine<T> af, int mode, T y_ref, T ka, T kb,
                                            T* __restrict cbar) {
-  double ua = 0.0, ub = 0.0;
   if (mode == 0) {
-#pragma omp simd reduction(+ : ua, ub)
-    for (int64_t i = 0; i < n; ++i) {
-      const T d = stk::affine_eval(af, (x[i] - shift) * scale);
-      T p, q, dw;
-      stk::sigmoid_parts(d, p, q, dw);
-      cbar[i] -= (ka + kb) * dw;
-      ua += static_cast<double>(dw);
+    const T kab = ka + kb;
+    double w_tot = 0.0;
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t e = std::min(n, b + kBlock);
+      T w = T(0);
+#pragma omp simd reduction(+ : w)
+      for (int64_t i = b; i < e; ++i) {
+        const T dw = sig(stk::affine_eval(af, (x[i] - shift) * scale)).deriv;
+        cbar[i] -= kab * dw;
+        w += dw;
+      }
+      w_tot += static_cast<double>(w);
     }
-    ub = ua;
-  } else {
-    const bool shift_a = mode == 1;
-    const T sign = shift_a ? T(1) : T(-1);
+    return {w_tot, w_tot};
+  }
+  double ua = 0.0, ub = 0.0;
+  const bool shift_a = mode == 1;
+  const T sign = shift_a ? T(1) : T(-1);
 #pragma omp simd reduction(+ : ua, ub)
-    for (int64_t i = 0; i < n; ++i) {
-      const T y = (x[i] - shift) * scale;
-      const T d = stk::affine_eval(af, y);
-      T p, q, dw;
-      stk::sigmoid_parts(d, p, q, dw);
-      const T rel = fm::exp(sign * af.beta * (y - y_ref));
-      const T ta = fm::select(shift_a, q * (rel * q), dw);
-      const T tb = fm::select(shift_a, dw, p * (rel * p));
-      cbar[i] -= ka * ta + kb * tb;
-      ua += static_cast<double>(ta);
-      ub += static_cast<double>(tb);
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    const T y = (x[i] - shift) * scale;
+    const Sig<T> g = sig(stk::affine_eval(af, y));
+    const T rel = fm::exp(sign * af.beta * (y - y_ref));
+    const T ta = fm::select(shift_a, g.neg * (rel * g.neg), g.deriv);
+    const T tb = fm::select(shift_a, g.deriv, g.pos * (rel * g.pos));
+    cbar[i] -= ka * ta + kb * tb;
+    ua += static_cast<double>(ta);
+    ub += static_cast<double>(tb);
   }
   return {ua, ub};
 }
@@ -258,39 +329,51 @@ template <typename T>
 BIASMAP_FORCEINLINE Sums2 sk_bwd_end_impl(const T* __restrict x, int64_t n, T shift, T scale,
                                           T inv_tau, T a0, T a1, T inv0, T inv1, T beta, T dbar1,
                                           const T* __restrict cbar, T* __restrict ybar) {
-  double sy = 0.0, syy = 0.0;
+  double sy_tot = 0.0, syy_tot = 0.0;
+  const T coef = dbar1 * beta;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    T sy = T(0), syy = T(0);
 #pragma omp simd reduction(+ : sy, syy)
-  for (int64_t i = 0; i < n; ++i) {
-    const T y = (x[i] - shift) * scale;
-    const T u0 = fm::select(y < T(0), -y, y);
-    const T ym = y - T(1);
-    const T u1 = fm::select(ym < T(0), -ym, ym);
-    const T p0 = fm::exp(-(u0 - a0) * (u0 + a0) * inv_tau) * inv0;
-    const T p1 = fm::exp(-(u1 - a1) * (u1 + a1) * inv_tau) * inv1;
-    const T v = beta * cbar[i] + dbar1 * beta * (p1 * ym - p0 * y);
-    ybar[i] = v;
-    sy += static_cast<double>(v);
-    syy += static_cast<double>(v * y);
+    for (int64_t i = b; i < e; ++i) {
+      const T y = (x[i] - shift) * scale;
+      T e0, e1;
+      kernel_terms(y, inv_tau, a0, a1, &e0, &e1);
+      const T v = beta * cbar[i] + coef * (e1 * inv1 * (y - T(1)) - e0 * inv0 * y);
+      ybar[i] = v;
+      sy += v;
+      syy += v * y;
+    }
+    sy_tot += static_cast<double>(sy);
+    syy_tot += static_cast<double>(syy);
   }
-  return {sy, syy};
+  return {sy_tot, syy_tot};
 }
 
 // Exact backward sums: with w = m (1 - m): (sum w, sum w g, sum w y, sum w g y).
 template <typename T>
 BIASMAP_FORCEINLINE Sums4 ex_bwd_sums_impl(const T* __restrict x, const T* __restrict m,
                                            const T* __restrict g, int64_t n, T shift, T scale) {
-  double sw = 0.0, swg = 0.0, swy = 0.0, swgy = 0.0;
+  double sw_tot = 0.0, swg_tot = 0.0, swy_tot = 0.0, swgy_tot = 0.0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    T sw = T(0), swg = T(0), swy = T(0), swgy = T(0);
 #pragma omp simd reduction(+ : sw, swg, swy, swgy)
-  for (int64_t i = 0; i < n; ++i) {
-    const T y = (x[i] - shift) * scale;
-    const T w = m[i] * (T(1) - m[i]);
-    const T wg = w * g[i];
-    sw += static_cast<double>(w);
-    swg += static_cast<double>(wg);
-    swy += static_cast<double>(w * y);
-    swgy += static_cast<double>(wg * y);
+    for (int64_t i = b; i < e; ++i) {
+      const T y = (x[i] - shift) * scale;
+      const T w = m[i] * (T(1) - m[i]);
+      const T wg = w * g[i];
+      sw += w;
+      swg += wg;
+      swy += w * y;
+      swgy += wg * y;
+    }
+    sw_tot += static_cast<double>(sw);
+    swg_tot += static_cast<double>(swg);
+    swy_tot += static_cast<double>(swy);
+    swgy_tot += static_cast<double>(swgy);
   }
-  return {sw, swg, swy, swgy};
+  return {sw_tot, swg_tot, swy_tot, swgy_tot};
 }
 
 // dL/dx_i = ybar_i * scale + [x_i == min] gmin + [x_i == max] gmax with
@@ -467,9 +550,11 @@ Norm<C> normalise(const C* x, int64_t n, bool minmax) {
 }
 
 // Below this row length the solver runs on the row directly; above, it first
-// solves on a sample of kSample entries to start the full Newton close to the
-// root (each sample pass costs kSample / n of a full one).
-constexpr int64_t kSample = 512;
+// solves on a sample to start the full solve close to the root. The sample's
+// rank error (~1/sqrt(size)) sets how many full passes follow; each sample pass
+// costs size / n of a full one, so long rows get a larger sample.
+constexpr int64_t kSampleMinRow = 2048;
+inline int64_t sample_size(int64_t n) { return n >= 65536 ? 4096 : 512; }
 
 // Golden-ratio low-discrepancy sample: spreads over both axes of a flattened
 // 2-D map, unlike a plain stride.
@@ -534,14 +619,15 @@ void exact_fwd_row(const S* x_raw, S* mask_raw, double* st, int64_t n, int64_t k
   } else {
     const double logit_shift = nm.y_max - hi;  // logit(k/n) / beta
     double t0 = nm.sum_y / nd - logit_shift;  // exact when every y is equal
-    if (n >= 4 * kSample) {
-      sbuf.resize(kSample);
-      gather_sample(x, n, nm, sbuf.data(), kSample);
+    if (n >= kSampleMinRow) {
+      const int64_t ns = sample_size(n);
+      sbuf.resize(ns);
+      gather_sample(x, n, nm, sbuf.data(), ns);
       double smean = 0.0;
-      for (int64_t j = 0; j < kSample; ++j) smean += sbuf[j];
-      smean /= static_cast<double>(kSample);
-      const double ks = kd * static_cast<double>(kSample) / nd;
-      t0 = solve_threshold<C>(sbuf.data(), kSample, C(0), C(1), ks, beta, lo, hi,
+      for (int64_t j = 0; j < ns; ++j) smean += sbuf[j];
+      smean /= static_cast<double>(ns);
+      const double ks = kd * static_cast<double>(ns) / nd;
+      t0 = solve_threshold<C>(sbuf.data(), ns, C(0), C(1), ks, beta, lo, hi,
                               smean - logit_shift, 1e-3, nullptr, nullptr, nullptr);
     }
     t = solve_threshold<C>(x, n, nm.shift, nm.scale, kd, beta, lo, hi, t0, exact_tol<C>(), m,
