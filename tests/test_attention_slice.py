@@ -31,6 +31,7 @@ CASES = [
     (3, 1, 1000, 4, 9, 77, [7, 7, 2], "row"),  # repeated token, key broadcast, odd d
     (2, 1, 37, 3, 17, 13, [12, 0, 12], "batch"),
     (1, 1, 5, 1, 1, 1, [0], None),  # one key: the slice is all ones
+    (2, 2, 50, 2, 88, 200, [199, 0], "row"),  # several full key / head-dim tiles + a rest
 ]
 
 

@@ -140,7 +140,7 @@ struct VExp<float, W> {
 template <int W>
 struct VExp<double, W> {
   using V = typename VecOf<double, W>::type;
-  static BM_INLINE V apply(V x) {
+  static BM_INLINE V apply(const V& x) {
     V y;
     for (int i = 0; i < W; ++i) y[i] = std::exp(x[i]);
     return y;
@@ -423,6 +423,9 @@ BM_INLINE void fwd_task(const Problem<S, typename C::T>& p, int64_t b, int64_t n
   }
 }
 
+// grad_k sums over query rows in blocks of this many rows (a multiple of every R).
+constexpr int64_t kDkBlockRows = 64;
+
 // Backward for query rows of chunk c of batch b, head h: writes grad_q for
 // those rows and head, and this task's grad_k partial sum.
 template <class C, class S>
@@ -432,12 +435,13 @@ BM_INLINE void bwd_task(const Problem<S, typename C::T>& p, int64_t b, int64_t h
   constexpr int W = C::W, R = C::R;
   const int64_t lp = p.lp, dp = p.dp, d = p.d, L = p.L, nv = lp / W;
   const int64_t n0 = c * p.chunk, n1 = std::min(p.N, n0 + p.chunk);
-  std::vector<T> buf(2 * R * lp + R * d + R * dp + d * lp, T(0));
+  std::vector<T> buf(2 * R * lp + R * d + R * dp + 2 * d * lp, T(0));
   T* s = buf.data();
   T* ds = s + R * lp;
   T* qbuf = ds + R * lp;
   T* gq = qbuf + R * d;
-  T* dkt = gq + R * dp;
+  T* dkt = gq + R * dp;       // this block of kDkBlockRows rows
+  T* dkt_sum = dkt + d * lp;  // the whole chunk: blocked sums keep grad_k's error ~ (64 + N/64) eps
   const T* bias = p.bias + (p.mask_batched ? b : 0) * lp;
   const int64_t bk = p.k_batched ? b : 0;
   const T* kt = p.kt + (bk * p.H + h) * d * lp;
@@ -470,10 +474,16 @@ BM_INLINE void bwd_task(const Problem<S, typename C::T>& p, int64_t b, int64_t h
       for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<S>(gq[r * dp + j]);
     }
     dkt_rows<C>(qp, ldq, d, ds, lp, dkt);
+    if (n + R >= n1 || (n + R - n0) % kDkBlockRows == 0) {
+      for (int64_t i = 0; i < d * lp; i += W) {
+        vstore(dkt_sum + i, vload<V>(dkt_sum + i) + vload<V>(dkt + i));
+        vstore(dkt + i, V{});
+      }
+    }
   }
   T* part = p.dk_partial + ((b * p.H + h) * p.chunks + c) * L * d;
   for (int64_t l = 0; l < L; ++l)
-    for (int64_t j = 0; j < d; ++j) part[l * d + j] = dkt[j * lp + l];
+    for (int64_t j = 0; j < d; ++j) part[l * d + j] = dkt_sum[j * lp + l];
 }
 
 // One out-of-line copy of each task per instruction set. The task bodies are
