@@ -140,6 +140,28 @@ def test_low_precision_close_to_float32(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_long_sums_as_accurate_as_reference(backend):
+    # grad_k sums over B*N query rows: it must not lose accuracy against float64
+    # compared with the reference's (BLAS, blocked) float32 sums.
+    q, k, token_index, heads, _ = _inputs((2, 1, 6000, 2, 16, 77, [5, 9], None), torch.float64)
+    grad = torch.rand(2, 2, 6000, dtype=torch.float64)
+
+    def grads(name, dtype):
+        qq = q.to(dtype).detach().requires_grad_(True)
+        kk = k.to(dtype).detach().requires_grad_(True)
+        _run(name, qq, kk, token_index, heads, None).backward(grad.to(dtype))
+        return qq.grad.double(), kk.grad.double()
+
+    exact = grads("reference", torch.float64)
+    ref = grads("reference", torch.float32)
+    got = grads(backend, torch.float32)
+    for g, r, e in zip(got, ref, exact, strict=True):
+        err = ((g - e).norm() / e.norm()).item()
+        ref_err = ((r - e).norm() / e.norm()).item()
+        assert err <= max(2 * ref_err, 1e-7), (err, ref_err)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_sum_backward_stride0_grad(backend):
     q, k, token_index, heads, mask = _inputs((2, 1, 64, 2, 8, 77, [1, 3], "row"))
     q.requires_grad_(True)
