@@ -16,9 +16,9 @@ from conftest import assert_close_2x, backend_params
 from biasmap import ops
 from biasmap.ops import reference
 
-IOU_BACKENDS = backend_params("soft_iou")
-QUANTILE_BACKENDS = backend_params("quantile_mask")
-MASK_IOU_BACKENDS = backend_params("mask_iou")
+IOU_BACKENDS = backend_params("soft_iou", cpu_tensors=True)
+QUANTILE_BACKENDS = backend_params("quantile_mask", cpu_tensors=True)
+MASK_IOU_BACKENDS = backend_params("mask_iou", cpu_tensors=True)
 
 
 def _cpu_available(op: str) -> bool:

@@ -25,7 +25,7 @@ ODD = [(13, 7), (5, 9), (1, 1), (1, 4), (30, 17), (64, 48)]
 SHAPES = {"sd15": SD15, "odd": ODD}
 # 64: four-tap path; (48, 80): four-tap, non-square; (96, 72): separable path.
 SIZES = [64, (48, 80), (96, 72)]
-BACKENDS = backend_params("resize_aggregate")
+BACKENDS = backend_params("resize_aggregate", cpu_tensors=True)
 
 
 def _pair(size):

@@ -196,7 +196,9 @@ def quantile_mask(x: torch.Tensor, q: float, inclusive: bool = True) -> torch.Te
 
     The quantile is numpy's default ("linear") per row, as np.percentile.
     """
-    threshold = torch.quantile(x, q, dim=-1, keepdim=True, interpolation="linear")
+    # torch.quantile takes float32/float64 only; half values are exact in float32.
+    values = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    threshold = torch.quantile(values, q, dim=-1, keepdim=True, interpolation="linear")
     return x >= threshold if inclusive else x > threshold
 
 
