@@ -13,7 +13,7 @@ namespace cuda {
 namespace {
 
 // Contiguous copies of the maps after checking they share device, dtype and [B, T].
-std::vector<at::Tensor> checked_maps(const std::vector<at::Tensor>& maps, const char* op) {
+std::vector<at::Tensor> checked_maps(at::TensorList maps, const char* op) {
   TORCH_CHECK(!maps.empty(), "biasmap::", op, ": maps must be a non-empty list");
   const at::Tensor& first = maps[0];
   std::vector<at::Tensor> out;
@@ -36,7 +36,7 @@ std::vector<at::Tensor> checked_maps(const std::vector<at::Tensor>& maps, const 
   return out;
 }
 
-at::Tensor resize_aggregate_fwd(const std::vector<at::Tensor>& maps_in, int64_t out_h,
+at::Tensor resize_aggregate_fwd(at::TensorList maps_in, int64_t out_h,
                                 int64_t out_w, bool per_map) {
   constexpr const char* op = "resize_aggregate_fwd";
   TORCH_CHECK(out_h > 0 && out_w > 0, "biasmap::", op, ": the output size must be positive, got (",
@@ -65,8 +65,7 @@ at::Tensor resize_aggregate_fwd(const std::vector<at::Tensor>& maps_in, int64_t 
   return out;
 }
 
-std::vector<at::Tensor> resize_aggregate_bwd(const at::Tensor& grad_in,
-                                             const std::vector<at::Tensor>& maps_in,
+std::vector<at::Tensor> resize_aggregate_bwd(const at::Tensor& grad_in, at::TensorList maps_in,
                                              int64_t out_h, int64_t out_w, bool per_map) {
   constexpr const char* op = "resize_aggregate_bwd";
   const c10::cuda::CUDAGuard guard(grad_in.device());

@@ -186,9 +186,19 @@ BIASMAP_HD inline double newton_step(double theta, double S, double W, double k,
     *hi = theta;
   }
   double next = theta + tau * f / W;
-  if (!(W > 0.0) || !(next > *lo && next < *hi)) next = 0.5 * (*lo + *hi);
-  *done = fabs(next - theta) <= tol * (1.0 + fabs(theta)) ||
-          *hi - *lo <= tol * (1.0 + fabs(theta));
+  const double scale = tol * (1.0 + fabs(theta));
+  if (!(W > 0.0) || !(next > *lo && next < *hi)) {
+    next = 0.5 * (*lo + *hi);
+    *done = *hi - *lo <= scale;
+    return next;
+  }
+  // Newton's error after a step of size s is at most C s^2 with
+  // C = |f''| / (2 |f'|) <= 1 / (2 tau) for a sum of sigmoids of theta / tau, so a
+  // step with s^2 <= tau * scale leaves an error below scale / 2: stop after it
+  // instead of paying one more pass to see a tiny step.
+  const double step = fabs(next - theta);
+  *done = step <= scale || (step <= 0.01 * tau && step * step <= tau * scale) ||
+          *hi - *lo <= scale;
   return next;
 }
 
@@ -197,6 +207,28 @@ BIASMAP_HD inline double newton_step(double theta, double S, double W, double k,
 template <class A>
 BIASMAP_HD inline double theta_tol() {
   return sizeof(A) == 8 ? 1e-13 : 1e-9;
+}
+
+// z = (2 y - theta) / tau evaluated in A as (y - t_hi) * beta + c with t = theta/2,
+// t_hi = A(t), beta = 2/tau and c = A((t_hi - t) * beta): near the threshold
+// y - t_hi is exact, so float rows keep the threshold to double resolution with
+// two float operations per element.
+template <class A>
+struct Affine {
+  A t_hi, beta, c;
+};
+template <class A>
+BIASMAP_HD inline Affine<A> make_affine(double theta, double tau) {
+  const double t = 0.5 * theta, beta = 2.0 / tau;
+  Affine<A> f;
+  f.t_hi = static_cast<A>(t);
+  f.beta = static_cast<A>(beta);
+  f.c = static_cast<A>((static_cast<double>(f.t_hi) - t) * beta);
+  return f;
+}
+template <class A>
+BIASMAP_HD inline A affine_z(const Affine<A>& f, A y) {
+  return (y - f.t_hi) * f.beta + f.c;
 }
 
 // ---------------------------------------------------------------------------
@@ -294,11 +326,12 @@ BM_DEVICE double histogram_guess(Row<NT, A>& r, const Layout& lay, const Workspa
   static_assert(kHistBins % NT == 0, "bins split evenly over the threads");
   constexpr int kPer = kHistBins / NT;
   const double inv_bw = kHistBins / (ymax - ymin);
+  const A ymin_a = static_cast<A>(ymin), inv_bw_a = static_cast<A>(inv_bw);
   for (int j = threadIdx.x; j < kHistBins; j += NT) hist[j] = 0;
   __syncthreads();
   const A* y = r.arr(0);
   for (int i = threadIdx.x; i < r.len; i += NT) {
-    int b = static_cast<int>((static_cast<double>(y[i]) - ymin) * inv_bw);
+    int b = static_cast<int>((y[i] - ymin_a) * inv_bw_a);
     b = b < 0 ? 0 : (b >= kHistBins ? kHistBins - 1 : b);
     atomicAdd(&hist[b], 1);
   }
@@ -358,7 +391,6 @@ __global__ void __launch_bounds__(NT) exact_fwd_kernel(Args<T> a, Layout lay, Wo
   double* bcast = nullptr;
   Row<NT, A> r = make_row<NT, A>(lay, ws, true, &hist, &scan, &bcast);
   const double kd = static_cast<double>(a.k);
-  const double inv_tau = 1.0 / a.tau;
   const double L = logit_kn(a.k, lay.n);
   for (int64_t row = r.row; row < lay.rows; row += lay.groups) {
     set_row(r, lay, row);
@@ -386,13 +418,15 @@ __global__ void __launch_bounds__(NT) exact_fwd_kernel(Args<T> a, Layout lay, Wo
       theta = histogram_guess<NT, A>(r, lay, ws, ymin, ymax, a.k, hist, scan, bcast);
       theta = bm_min(bm_max(theta, lo), hi);
       for (int it = 0; it < kMaxIters; ++it) {
-        double s[2] = {0.0, 0.0};
+        const Affine<A> af = make_affine<A>(theta, a.tau);
+        A ps = A(0), pw = A(0);  // a thread's chunk is short: A accumulates it exactly enough
         for (int i = threadIdx.x; i < r.len; i += NT) {
           A sp, sn;
-          sigmoid_pair(static_cast<A>((2.0 * static_cast<double>(y[i]) - theta) * inv_tau), sp, sn);
-          s[0] += sp;
-          s[1] += sp * sn;
+          sigmoid_pair(affine_z(af, y[i]), sp, sn);
+          ps += sp;
+          pw += sp * sn;
         }
+        double s[2] = {static_cast<double>(ps), static_cast<double>(pw)};
         row_reduce<NT, 2>(r, s, 0u);
         bool done;
         theta = newton_step(theta, s[0], s[1], kd, a.tau, theta_tol<A>(), &lo, &hi, &done);
@@ -400,9 +434,10 @@ __global__ void __launch_bounds__(NT) exact_fwd_kernel(Args<T> a, Layout lay, Wo
       }
     }
     T* out = a.out + row * lay.n + r.begin;
+    const Affine<A> af = make_affine<A>(theta, a.tau);
     for (int i = threadIdx.x; i < r.len; i += NT) {
       A sp, sn;
-      sigmoid_pair(static_cast<A>((2.0 * static_cast<double>(y[i]) - theta) * inv_tau), sp, sn);
+      sigmoid_pair(affine_z(af, y[i]), sp, sn);
       out[i] = store_as<T>(sp);
     }
     if (r.sync.part == 0 && threadIdx.x == 0) {
@@ -840,14 +875,16 @@ inline Plan make_plan_nt(Kernel kind, int64_t rows, int64_t n, int iters) {
   p.smem = fixed + (smem_cache ? smem_bytes<A>(static_cast<size_t>(narr) * p.lay.chunk) : 0);
   if (P == 1) rt::allow_dynamic_smem(kernel, p.smem);
 
+  // Group counters, histograms and exchange buffers exist only for P > 1.
+  const size_t group_count = P > 1 ? static_cast<size_t>(p.lay.groups) : 0;
   size_t off = 0;
   p.off_counters = off;
-  off += smem_bytes<unsigned>(static_cast<size_t>(p.lay.groups));
+  off += smem_bytes<unsigned>(group_count);
   p.off_hist = off;
   if (hist && P > 1) off += smem_bytes<int>(static_cast<size_t>(rows) * kHistBins);
   p.zero_bytes = off;
   p.off_partials = off;
-  off += smem_bytes<double>(static_cast<size_t>(p.lay.groups) * 2 * P * kGroupMaxSlots);
+  off += smem_bytes<double>(group_count * 2 * P * kGroupMaxSlots);
   p.off_cache = off;
   if (!smem_cache) off += smem_bytes<A>(static_cast<size_t>(p.grid) * narr * p.lay.chunk);
   p.off_coef = off;

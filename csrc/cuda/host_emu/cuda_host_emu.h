@@ -1,34 +1,39 @@
 // A minimal CUDA execution model on the CPU, for testing csrc/cuda/*.cuh on
 // machines without a GPU. Include it before any kernel header and compile with
-// a host C++20 compiler (g++ -std=c++20 -I csrc -I <cuda>/include -pthread).
+// a host C++20 compiler (g++ -std=c++20 -I csrc -I <cuda>/include).
 //
-// Every CUDA thread of a block is a std::thread; __syncthreads is a
-// std::barrier over the block, warp shuffles exchange through a per-warp buffer
-// between two warp barriers (so a shuffle not reached by all 32 lanes hangs, as
-// it is undefined on a GPU). Ordinary launches run one block after another,
-// which also checks that no kernel relies on blocks running concurrently;
-// cooperative launches run all blocks at once. The emulated device (SM count,
-// blocks per SM, shared memory) is settable so that tests can force the
-// multi-block and multi-round paths with small inputs.
+// Every CUDA thread is a fiber (ucontext) on the calling OS thread. A fiber runs
+// until it has to wait: __syncthreads (all threads of its block), a warp
+// shuffle (all 32 lanes of its warp; a shuffle not reached by every lane hangs,
+// as it is undefined on a GPU) or a spin-wait on another block. The scheduler
+// resumes the fibers in an order reshuffled every round from a seed
+// (BIASMAP_EMU_SEED), so a missing barrier shows up as reads of shared memory
+// that was not written yet (shared memory starts as 0xff bytes, i.e. NaN) for
+// some seeds. When no fiber can move the launch fails with a deadlock error.
+// Ordinary launches run one block after another, which also checks that no
+// kernel relies on blocks running concurrently; cooperative launches run all
+// blocks at once. The emulated device (SM count, blocks per SM, shared memory)
+// is settable so that tests can force the multi-block and multi-round paths of
+// the kernels with small inputs.
 //
-// What it cannot check: register/shared-memory limits, the real memory model,
-// warp-synchronous timing, fast-math intrinsics' accuracy. nvcc checks the
+// What it cannot check: register / shared-memory limits, the GPU memory model,
+// warp-synchronous timing, fast-math intrinsics' accuracy. nvcc checks that the
 // code compiles for the real targets (scripts/nvcc_check.sh).
 #pragma once
 
 #define BIASMAP_CUDA_EMU 1
 
 #include <cuda_runtime_api.h>
+#include <ucontext.h>
 
-#include <atomic>
-#include <barrier>
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <stdexcept>
-#include <thread>
+#include <random>
 #include <tuple>
 #include <vector>
 
@@ -58,32 +63,72 @@ inline DeviceModel& device() {
   return d;
 }
 
+// Counts everything that can unblock a waiting fiber; a scheduler round in
+// which it does not change while fibers still wait is a deadlock.
+inline unsigned long long& progress() {
+  static unsigned long long p = 0;
+  return p;
+}
+
+struct Barrier {
+  unsigned count = 0, arrived = 0;
+  unsigned long long generation = 0;
+};
+
 struct Warp {
-  std::barrier<> bar{32};
+  Barrier bar;
   uint64_t slot[32] = {};
 };
 
 struct Block {
-  explicit Block(unsigned threads, size_t smem_bytes)
-      : bar(threads), warps(threads / 32), smem((smem_bytes + 15) / 16 + 1) {
-    for (auto& w : warps) w = std::make_unique<Warp>();
+  Block(unsigned threads, size_t smem_bytes)
+      : warps(threads / 32), smem((smem_bytes + 15) / 16 + 1) {
+    bar.count = threads;
+    for (auto& w : warps) w.bar.count = 32;
     // Garbage, not zeros: a kernel that reads shared memory it never wrote
     // gets NaNs / huge counts instead of passing by luck.
     std::memset(static_cast<void*>(smem.data()), 0xff, smem.size() * sizeof(smem[0]));
   }
-  std::barrier<> bar;
-  std::vector<std::unique_ptr<Warp>> warps;
-  std::vector<std::max_align_t> smem;  // 16-byte aligned storage
+  Barrier bar;
+  std::vector<Warp> warps;
+  std::vector<std::max_align_t> smem;
 };
 
+struct Fiber {
+  ucontext_t ctx;
+  std::unique_ptr<char[]> stack;
+  uint3 tid, bid;
+  Block* block;
+  bool done = false;
+};
+
+struct Scheduler {
+  ucontext_t main;
+  Fiber* current = nullptr;
+  dim3 grid, block_dim;
+};
+inline thread_local Scheduler* tl_sched = nullptr;
 inline thread_local Block* tl_block = nullptr;
 
+inline void yield() { swapcontext(&tl_sched->current->ctx, &tl_sched->main); }
+
+inline void arrive_and_wait(Barrier& b) {
+  ++progress();
+  const unsigned long long gen = b.generation;
+  if (++b.arrived == b.count) {
+    b.arrived = 0;
+    ++b.generation;
+    return;
+  }
+  while (b.generation == gen) yield();
+}
+
 inline unsigned char* dyn_smem() { return reinterpret_cast<unsigned char*>(tl_block->smem.data()); }
-inline void spin_pause() { std::this_thread::yield(); }
+inline void spin_pause() { yield(); }
 
 template <class V>
 inline V load_shared_global(const V* p) {
-  return std::atomic_ref<V>(*const_cast<V*>(p)).load();
+  return *const_cast<const volatile V*>(p);
 }
 
 inline unsigned lane() { return threadIdx.x & 31u; }
@@ -91,17 +136,21 @@ inline unsigned lane() { return threadIdx.x & 31u; }
 template <class V>
 inline V shfl_from(V v, unsigned src) {
   static_assert(sizeof(V) <= 8, "shuffle of a value wider than 8 bytes");
-  Warp& w = *tl_block->warps[threadIdx.x / 32];
+  Warp& w = tl_block->warps[threadIdx.x / 32];
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(V));
   w.slot[lane()] = bits;
-  w.bar.arrive_and_wait();
+  arrive_and_wait(w.bar);
   bits = w.slot[src & 31u];
-  w.bar.arrive_and_wait();
+  arrive_and_wait(w.bar);
   V out;
   std::memcpy(&out, &bits, sizeof(V));
   return out;
 }
+
+struct LaunchError {
+  cudaError_t code;
+};
 
 template <class... P>
 inline cudaError_t launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
@@ -116,44 +165,87 @@ inline cudaError_t launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t sm
       nblocks > static_cast<unsigned>(device().num_sms * device().max_blocks_per_sm)) {
     return cudaErrorCooperativeLaunchTooLarge;
   }
-  auto block_index = [&](unsigned b) {
-    return uint3{b % grid.x, (b / grid.x) % grid.y, b / (grid.x * grid.y)};
+  const char* seed_env = std::getenv("BIASMAP_EMU_SEED");
+  std::mt19937 rng(seed_env ? static_cast<unsigned>(std::strtoul(seed_env, nullptr, 10)) : 0u);
+  constexpr size_t kStack = 256 * 1024;
+
+  Scheduler sched;
+  sched.grid = grid;
+  sched.block_dim = dim3(threads, 1, 1);
+  Scheduler* prev_sched = tl_sched;
+  tl_sched = &sched;
+
+  static thread_local const std::tuple<P...>* tl_params;
+  static thread_local void (*tl_kernel)(P...);
+  tl_params = &params;
+  tl_kernel = kernel;
+  auto entry = +[]() {
+    std::apply(tl_kernel, *tl_params);
+    tl_sched->current->done = true;
+    ++progress();
+    swapcontext(&tl_sched->current->ctx, &tl_sched->main);
   };
-  auto run_blocks = [&](unsigned first, unsigned count) {
+
+  auto run_blocks = [&](unsigned first, unsigned count) -> cudaError_t {
     std::vector<std::unique_ptr<Block>> blocks;
-    std::vector<std::thread> pool;
+    std::vector<std::unique_ptr<Fiber>> fibers;
     for (unsigned b = 0; b < count; ++b) {
       blocks.push_back(std::make_unique<Block>(threads, smem));
-      Block* blk = blocks.back().get();
-      const uint3 bidx = block_index(first + b);
+      const unsigned id = first + b;
+      const uint3 bidx{id % grid.x, (id / grid.x) % grid.y, id / (grid.x * grid.y)};
       for (unsigned t = 0; t < threads; ++t) {
-        pool.emplace_back([=, &params] {
-          threadIdx = uint3{t, 0, 0};
-          blockIdx = bidx;
-          blockDim = dim3(threads, 1, 1);
-          gridDim = grid;
-          tl_block = blk;
-          std::apply(kernel, params);
-        });
+        auto f = std::make_unique<Fiber>();
+        f->stack.reset(new char[kStack]);
+        f->tid = uint3{t, 0, 0};
+        f->bid = bidx;
+        f->block = blocks.back().get();
+        getcontext(&f->ctx);
+        f->ctx.uc_stack.ss_sp = f->stack.get();
+        f->ctx.uc_stack.ss_size = kStack;
+        f->ctx.uc_link = nullptr;
+        makecontext(&f->ctx, entry, 0);
+        fibers.push_back(std::move(f));
       }
     }
-    for (auto& th : pool) th.join();
+    std::vector<size_t> order(fibers.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    size_t live = fibers.size();
+    while (live > 0) {
+      std::shuffle(order.begin(), order.end(), rng);
+      const unsigned long long before = progress();
+      for (size_t i : order) {
+        Fiber* f = fibers[i].get();
+        if (f->done) continue;
+        threadIdx = f->tid;
+        blockIdx = f->bid;
+        blockDim = sched.block_dim;
+        gridDim = grid;
+        tl_block = f->block;
+        sched.current = f;
+        swapcontext(&sched.main, &f->ctx);
+        if (f->done) --live;
+      }
+      if (live > 0 && progress() == before) return cudaErrorLaunchTimeout;  // deadlock
+    }
+    return cudaSuccess;
   };
+  cudaError_t err = cudaSuccess;
   if (cooperative) {
-    run_blocks(0, nblocks);
+    err = run_blocks(0, nblocks);
   } else {
-    for (unsigned b = 0; b < nblocks; ++b) run_blocks(b, 1);
+    for (unsigned b = 0; b < nblocks && err == cudaSuccess; ++b) err = run_blocks(b, 1);
   }
-  return cudaSuccess;
+  tl_sched = prev_sched;
+  return err;
 }
 
 }  // namespace bm_emu
 
 // ---- CUDA device API used by the kernels ----------------------------------
 
-inline void __syncthreads() { bm_emu::tl_block->bar.arrive_and_wait(); }
+inline void __syncthreads() { bm_emu::arrive_and_wait(bm_emu::tl_block->bar); }
 inline void __syncwarp(unsigned = 0xffffffffu) {
-  bm_emu::tl_block->warps[threadIdx.x / 32]->bar.arrive_and_wait();
+  bm_emu::arrive_and_wait(bm_emu::tl_block->warps[threadIdx.x / 32].bar);
 }
 template <class V>
 inline V __shfl_sync(unsigned, V v, int src, int = 32) {
@@ -173,45 +265,33 @@ inline V __shfl_down_sync(unsigned, V v, unsigned delta, int = 32) {
   const unsigned l = bm_emu::lane();
   return bm_emu::shfl_from(v, l + delta < 32 ? l + delta : l);
 }
-inline unsigned __ballot_sync(unsigned, int pred) {
-  unsigned bits = 0;
-  for (unsigned src = 0; src < 32; ++src) {
-    bits |= (bm_emu::shfl_from(pred ? 1u : 0u, src) & 1u) << src;
-  }
-  return bits;
-}
 template <class V>
 inline V atomicAdd(V* p, V v) {
-  return std::atomic_ref<V>(*p).fetch_add(v);
+  ++bm_emu::progress();
+  const V old = *p;
+  *p = old + v;
+  return old;
 }
 template <class V>
 inline V atomicMax(V* p, V v) {
-  std::atomic_ref<V> r(*p);
-  V cur = r.load();
-  while (cur < v && !r.compare_exchange_weak(cur, v)) {
-  }
-  return cur;
+  ++bm_emu::progress();
+  const V old = *p;
+  if (old < v) *p = v;
+  return old;
 }
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-inline void __nanosleep(unsigned) { std::this_thread::yield(); }
+inline void __threadfence() {}
+inline void __threadfence_block() {}
+inline void __nanosleep(unsigned) { bm_emu::yield(); }
 template <class V>
 inline V __ldg(const V* p) {
   return *p;
 }
 template <class V>
 inline V __ldcg(const V* p) {
-  return bm_emu::load_shared_global(p);
+  return *p;
 }
 inline float __fdiv_rn(float a, float b) { return a / b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
-inline double __ddiv_rn(double a, double b) { return a / b; }
-inline double __dmul_rn(double a, double b) { return a * b; }
-inline double __dadd_rn(double a, double b) { return a + b; }
-inline double __dsub_rn(double a, double b) { return a - b; }
 inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
 inline unsigned __float_as_uint(float f) {
   unsigned u;
