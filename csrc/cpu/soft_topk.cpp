@@ -744,15 +744,6 @@ void sinkhorn_fwd_row(const S* x_raw, S* mask_raw, double* st, int64_t n, int64_
   const double nd = static_cast<double>(n);
   const double kd = static_cast<double>(k);
   const double beta = 2.0 / tau;
-  if (iters == 0) {
-    // f = g = 0: the mask is n exp(S_i1). Not a hot path.
-    for (int64_t i = 0; i < n; ++i) {
-      const double y = static_cast<double>((x[i] - nm.shift) * nm.scale);
-      m[i] = static_cast<C>(nd * std::exp(-(y - 1.0) * (y - 1.0) / tau));
-    }
-    store_row<S, C>(mask_raw, m, n);
-    return;
-  }
   const double logit = std::log(kd / (nd - kd));
   const Sums2 first = sk_first(x, n, nm.shift, nm.scale, static_cast<C>(1.0 / tau), a0, a1);
   const double a0d = a0, a1d = a1;
@@ -805,51 +796,37 @@ void sinkhorn_bwd_row(const S* g_raw, const S* x_raw, const double* st, S* gx_ra
   const double beta = 2.0 / tau;
   cbuf.resize(n);
   C* ybar = cbuf.data();
-  double sum_ybar = 0.0, sum_ybar_y = 0.0;
-  if (iters == 0) {
-    // mask = n exp(-(y - 1)^2 / tau): dmask/dy = -2 (y - 1) / tau * mask.
-    for (int64_t i = 0; i < n; ++i) {
-      const double y = static_cast<double>((x[i] - nm.shift) * nm.scale);
-      const double mi = nd * std::exp(-(y - 1.0) * (y - 1.0) / tau);
-      const double v = static_cast<double>(g[i]) * mi * (-beta * (y - 1.0));
-      ybar[i] = static_cast<C>(v);
-      sum_ybar += v;
-      sum_ybar_y += v * y;
-    }
-  } else {
-    // delta_s = g_s[1] - g_s[0] and log A_s, log B_s (the forward's iteration
-    // sums) are recovered from consecutive stored potentials:
-    // g_{s+1}[1] = g_s[1] + log k - log A_s, g_{s+1}[0] = g_s[0] + log(n-k) - log B_s.
-    auto g_at = [&](int64_t s, int j) { return st[2 + 2 * (s - 1) + j]; };
-    const double log_k = std::log(kd), log_nk = std::log(nd - kd);
-    C* cbar = out;  // the output row doubles as the c adjoint until the end
-    const double t_last = stk::sinkhorn_t(g_at(iters, 1) - g_at(iters, 0), tau);
-    const Sums4 s0 = sk_bwd_start(x, g, n, nm.shift, nm.scale, stk::make_affine<C>(t_last, beta),
-                                  static_cast<C>(1.0 / tau), a0, a1, cbar);
-    double dbar = s0.a;
-    for (int64_t s = iters - 1; s >= 1; --s) {
-      const double t = stk::sinkhorn_t(g_at(s, 1) - g_at(s, 0), tau);
-      const double log_a = g_at(s, 1) - g_at(s + 1, 1) + log_k;
-      const double log_b = g_at(s, 0) - g_at(s + 1, 0) + log_nk;
-      double y_ref;
-      const int mode = sk_mode(nm.y_min, nm.y_max, t, beta, &y_ref);
-      // A' = A e^{-sA}, B' = B e^{-sB} with the shifts of sk_eval_impl.
-      const double sa = mode == 1 ? beta * (y_ref - t) : 0.0;
-      const double sb = mode == 2 ? -beta * (y_ref - t) : 0.0;
-      const double inv_a = std::exp(sa - log_a);
-      const double inv_b = std::exp(sb - log_b);
-      const Sums2 u = sk_bwd_iter(x, n, nm.shift, nm.scale, stk::make_affine<C>(t, beta), mode,
-                                  static_cast<C>(y_ref), static_cast<C>(dbar * inv_a),
-                                  static_cast<C>(dbar * inv_b), cbar);
-      dbar *= 1.0 - u.a * inv_a - u.b * inv_b;
-    }
-    // delta_1 = L + lse(S_0) - lse(S_1).
-    const Sums2 e = sk_bwd_end(x, n, nm.shift, nm.scale, static_cast<C>(1.0 / tau), a0, a1,
-                               static_cast<C>(1.0 / s0.b), static_cast<C>(1.0 / s0.c),
-                               static_cast<C>(beta), static_cast<C>(dbar), cbar, ybar);
-    sum_ybar = e.a;
-    sum_ybar_y = e.b;
+  // delta_s = g_s[1] - g_s[0] and log A_s, log B_s (the forward's iteration
+  // sums) are recovered from consecutive stored potentials:
+  // g_{s+1}[1] = g_s[1] + log k - log A_s, g_{s+1}[0] = g_s[0] + log(n-k) - log B_s.
+  auto g_at = [&](int64_t s, int j) { return st[2 + 2 * (s - 1) + j]; };
+  const double log_k = std::log(kd), log_nk = std::log(nd - kd);
+  C* cbar = out;  // the output row doubles as the c adjoint until the end
+  const double t_last = stk::sinkhorn_t(g_at(iters, 1) - g_at(iters, 0), tau);
+  const Sums4 s0 = sk_bwd_start(x, g, n, nm.shift, nm.scale, stk::make_affine<C>(t_last, beta),
+                                static_cast<C>(1.0 / tau), a0, a1, cbar);
+  double dbar = s0.a;
+  for (int64_t s = iters - 1; s >= 1; --s) {
+    const double t = stk::sinkhorn_t(g_at(s, 1) - g_at(s, 0), tau);
+    const double log_a = g_at(s, 1) - g_at(s + 1, 1) + log_k;
+    const double log_b = g_at(s, 0) - g_at(s + 1, 0) + log_nk;
+    double y_ref;
+    const int mode = sk_mode(nm.y_min, nm.y_max, t, beta, &y_ref);
+    // A' = A e^{-sA}, B' = B e^{-sB} with the shifts of sk_eval_impl.
+    const double sa = mode == 1 ? beta * (y_ref - t) : 0.0;
+    const double sb = mode == 2 ? -beta * (y_ref - t) : 0.0;
+    const double inv_a = std::exp(sa - log_a);
+    const double inv_b = std::exp(sb - log_b);
+    const Sums2 u = sk_bwd_iter(x, n, nm.shift, nm.scale, stk::make_affine<C>(t, beta), mode,
+                                static_cast<C>(y_ref), static_cast<C>(dbar * inv_a),
+                                static_cast<C>(dbar * inv_b), cbar);
+    dbar *= 1.0 - u.a * inv_a - u.b * inv_b;
   }
+  // delta_1 = L + lse(S_0) - lse(S_1).
+  const Sums2 e = sk_bwd_end(x, n, nm.shift, nm.scale, static_cast<C>(1.0 / tau), a0, a1,
+                             static_cast<C>(1.0 / s0.b), static_cast<C>(1.0 / s0.c),
+                             static_cast<C>(beta), static_cast<C>(dbar), cbar, ybar);
+  const double sum_ybar = e.a, sum_ybar_y = e.b;
   if (minmax) {
     C gmin, gmax;
     minmax_coefs(x, n, nm, sum_ybar, sum_ybar_y, &gmin, &gmax);
@@ -953,7 +930,7 @@ std::tuple<at::Tensor, at::Tensor> soft_topk_sinkhorn_fwd(const at::Tensor& x_in
                                                           bool minmax) {
   const char* op = "soft_topk_sinkhorn_fwd";
   check_common(x_in, k, tau, op);
-  TORCH_CHECK(iters >= 0, op, ": iters must be >= 0, got ", iters);
+  TORCH_CHECK(iters >= 1, op, ": iters must be >= 1, got ", iters);
   const at::Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), n = x.size(1);
   const int64_t cols = 2 + 2 * iters;
@@ -980,7 +957,7 @@ at::Tensor soft_topk_sinkhorn_bwd(const at::Tensor& grad_in, const at::Tensor& x
                                   bool minmax) {
   const char* op = "soft_topk_sinkhorn_bwd";
   check_common(x_in, k, tau, op);
-  TORCH_CHECK(iters >= 0, op, ": iters must be >= 0, got ", iters);
+  TORCH_CHECK(iters >= 1, op, ": iters must be >= 1, got ", iters);
   check_like(grad_in, x_in, "grad", op);
   check_stats(stats_in, x_in.size(0), 2 + 2 * iters, op);
   const at::Tensor x = x_in.contiguous();
