@@ -125,6 +125,29 @@ class _StepCapture(Trace):
         captured.sort(key=lambda p: order.index(p.block_key))  # stable: layer order kept
         self._state.grad_cutoff = captured[-1] if captured else None
 
+    def energy_and_grad(
+        self, unet, scheduler, latents, timestep, embeds, settings, q, cut_graph=True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(E [B], dE/dz_t, this half's eps) with autograd from z_t through its queries."""
+        z = latents.detach().requires_grad_(True)
+        with torch.enable_grad():
+            if cut_graph:
+                self.set_cutoff()
+            sample = scheduler.scale_model_input(z, timestep)
+            eps = self.call_unet(
+                unet, sample, timestep, embeds, rows=slice(None), capture=True, differentiable=True
+            )
+            energy = _energy(self.take_step_maps(), 0, 1, self.map_side(), settings, q)
+            (grad,) = torch.autograd.grad(energy.sum(), z)
+        return energy.detach(), grad, eps.detach()
+
+    def map_side(self) -> tuple[int, int]:
+        """The guidance maps' size: map_size, else the largest captured block's resolution."""
+        if self.map_size is not None:
+            return self.map_size
+        sizes = [self._state.block_sizes[key] for key in self._names]
+        return max(sizes, key=lambda hw: hw[0] * hw[1])
+
     def take_step_maps(self) -> dict[str, torch.Tensor]:
         """This step's block sums {name: [B, C, h, w]} (graph kept if differentiable)."""
         state = self._state
@@ -329,7 +352,7 @@ def guided_generate(
                         unet, sample, t, embeds, rows=guided_rows, capture=True
                     )
                     step_maps = capture.take_step_maps()
-                    energy = _energy(step_maps, a, b, _size(capture, map_size), settings, q)
+                    energy = _energy(step_maps, a, b, capture.map_side(), settings, q)
                     if use_cfg:
                         chunks = eps_all.chunk(2 + len(edit_embeds))
                         eps_uncond, eps_cond, eps_edits = chunks[0], chunks[1], chunks[2:]
@@ -344,7 +367,6 @@ def guided_generate(
                         t,
                         settings,
                         q,
-                        map_size,
                         use_cfg,
                         prompt_embeds,
                         negative_embeds,
@@ -422,31 +444,10 @@ def step_energy(
     )
     with capture, torch.no_grad():
         capture.begin(1, tuple(latents.shape[-2:]))
-        z = latents.detach().requires_grad_(True)
-        with torch.enable_grad():
-            if cut_graph:
-                capture.set_cutoff()
-            sample = pipe.scheduler.scale_model_input(z, timestep)
-            capture.call_unet(
-                pipe.unet,
-                sample,
-                timestep,
-                prompt_embeds,
-                rows=slice(None),
-                capture=True,
-                differentiable=True,
-            )
-            energy = _energy(capture.take_step_maps(), 0, 1, _size(capture, map_size), settings, q)
-            (grad,) = torch.autograd.grad(energy.sum(), z)
-    return energy.detach(), grad
-
-
-def _size(capture: _StepCapture, map_size) -> tuple[int, int]:
-    """The guidance maps' size: map_size, else the largest captured block's resolution."""
-    if capture.map_size is not None:
-        return capture.map_size
-    sizes = [capture._state.block_sizes[key] for key in capture._names]
-    return max(sizes, key=lambda hw: hw[0] * hw[1])
+        energy, grad, _ = capture.energy_and_grad(
+            pipe.unet, pipe.scheduler, latents, timestep, prompt_embeds, settings, q, cut_graph
+        )
+    return energy, grad
 
 
 def _guided_forward(
@@ -457,7 +458,6 @@ def _guided_forward(
     t,
     settings,
     q,
-    map_size,
     use_cfg,
     prompt_embeds,
     negative_embeds,
@@ -475,16 +475,9 @@ def _guided_forward(
         eps_other = capture.call_unet(
             unet, sample, t, torch.cat(other), rows=slice(0, 0), capture=False
         ).chunk(len(other))
-    z = latents.detach().requires_grad_(True)
-    with torch.enable_grad():
-        capture.set_cutoff()
-        sample = scheduler.scale_model_input(z, t)
-        eps_guided = capture.call_unet(
-            unet, sample, t, guided_embeds, rows=slice(None), capture=True, differentiable=True
-        )
-        energy = _energy(capture.take_step_maps(), 0, 1, _size(capture, map_size), settings, q)
-        (grad,) = torch.autograd.grad(energy.sum(), z)
-    eps_guided = eps_guided.detach()
+    energy, grad, eps_guided = capture.energy_and_grad(
+        unet, scheduler, latents, t, guided_embeds, settings, q
+    )
     if not use_cfg:
         return None, eps_guided, [], energy, grad
     if settings.cfg_half == "cond":
