@@ -24,9 +24,7 @@ device, versions) to bench/results/discovery.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +33,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
 
 import biasmap  # noqa: E402
 from biasmap import models  # noqa: E402
@@ -43,7 +44,6 @@ PROMPT = "A photo of the face of a firefighter"
 ATTRIBUTION = "A photo of the face of a firefighter and gender"
 CONCEPTS = ["gender", "firefighter"]
 RESULTS = Path(__file__).resolve().parent / "results" / "discovery.csv"
-FIELDS = ["kernel", "provider", "mode", "size", "p50", "p20", "p80", "unit", "device", "versions"]
 
 CASES = {
     # name: (builder, latent side, steps, dtype, device, default repeats)
@@ -200,20 +200,6 @@ def run_case(name: str, repeats: int | None, steps: int | None) -> list[dict]:
     return rows
 
 
-def device_name(case: str) -> str:
-    if CASES[case][4] == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.machine()} cpu, {torch.get_num_threads()} threads"
-
-
-def versions() -> str:
-    import diffusers
-
-    return (
-        f"torch={torch.__version__};diffusers={diffusers.__version__};biasmap={biasmap.__version__}"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -242,7 +228,10 @@ def main() -> None:
     for case in cases:
         rows = run_case(case, args.repeats, args.steps)
         for row in rows:
-            row.update(device=device_name(case), versions=versions())
+            row.update(
+                device=_common.device_name(torch.device(CASES[case][4])),
+                versions=_common.versions(),
+            )
         all_rows += rows
 
     print("| case | provider | p50 | p20 | p80 | unit |")
@@ -258,13 +247,7 @@ def main() -> None:
             f"{fmt(row['p80'])} | {row['unit']} |"
         )
     if not args.no_csv:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        new = not RESULTS.exists()
-        with RESULTS.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerows(all_rows)
+        _common.append_csv(RESULTS, all_rows)
         print(f"\nappended {len(all_rows)} rows to {os.path.relpath(RESULTS)}", file=sys.stderr)
 
 

@@ -10,10 +10,14 @@ import importlib
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("ops", "info", "models", "discovery", "viz")
+_LAZY_MODULES = ("ops", "info", "models", "discovery", "mitigation", "viz")
 # Public names that live in submodules, loaded on first access (diffusers stays unimported
 # until a trace actually starts).
-_LAZY_ATTRS = {"trace": "biasmap.discovery", "AttributionMaps": "biasmap.discovery"}
+_LAZY_ATTRS = {
+    "trace": "biasmap.discovery",
+    "AttributionMaps": "biasmap.discovery",
+    "guided_generate": "biasmap.mitigation",
+}
 
 
 def __getattr__(name: str):

@@ -127,6 +127,111 @@ def maps(
     )
 
 
+def _seed_range(text: str) -> list[int]:
+    """ "0-3" -> [0, 1, 2, 3]; "0,5,7" and "4" also work."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            low, _, high = part.strip().partition("-")
+            seeds.extend(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise typer.BadParameter(
+            f"seeds must look like 0-3, 4 or 0,5,7; got {text!r}", param_hint="--seeds"
+        ) from None
+    return seeds
+
+
+@app.command()
+def generate(
+    profession: str = typer.Option(..., help="Profession word, e.g. firefighter."),
+    axis: str = typer.Option("gender", help="Demographic axis: gender or race."),
+    method: str = typer.Option(
+        "biasmap",
+        help="sd, biasmap, fd, fd+biasmap, hard, hard+biasmap, negative, negative+biasmap, "
+        "or biasmap@down-64+up-64 (guidance on those blocks only).",
+    ),
+    seeds: str = typer.Option("0", help="Seeds: 0-3, 4 or 0,5,7."),
+    lambda_: float = typer.Option(100.0, "--lambda", min=0.0, help="Energy guidance strength."),
+    preset: str = typer.Option("paper", help="paper or official (the authors' code)."),
+    model: str = typer.Option(
+        "tiny", help="tiny, random-sd15 (random weights), a local folder or a hub id."
+    ),
+    steps: int = typer.Option(50, min=1, help="Sampler steps."),
+    guidance: float = typer.Option(None, help="CFG scale (default: the preset's)."),
+    q: float = typer.Option(0.7, min=0.0, max=1.0, help="Mask quantile."),
+    device: str = typer.Option("cpu", help="torch device."),
+    dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
+    out: str = typer.Option(..., help="Output folder."),
+) -> None:
+    """Generate with a mitigation method; write images, overlays and per-step energies + IoU JSON.
+
+    Per seed: image_<seed>.png, overlay_<seed>.png (image, heatmaps, masks, overlap, IoU) and
+    an entry in result.json with the per-step SoftIoU energies and gradient norms and the
+    final IoU / BIoU, measured on the run's own maps.
+    """
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from biasmap.mitigation import guided_generate
+    from biasmap.mitigation.methods import plan
+    from biasmap.models import load_pipeline
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(model, dtype, device)
+    results = []
+    for seed in _seed_range(seeds):
+        settings = plan(method, profession, axis, seed)
+        output = guided_generate(
+            pipe,
+            settings.prompt,
+            settings.attribution_prompt,
+            settings.concepts,
+            lambda_=lambda_ if settings.guided else 0.0,
+            q=q,
+            blocks=settings.blocks,
+            guidance_scale=guidance,
+            num_inference_steps=steps,
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+            negative_prompt=settings.negative_prompt,
+            editing_prompt=settings.editing_prompt,
+            preset=preset,
+        )
+        image = output.images[0]
+        image.save(folder / f"image_{seed}.png")
+        maps = output.maps.cpu()
+        maps.plot(image, *settings.concepts, q, path=folder / f"overlay_{seed}.png")
+        biou = output.biou()
+        results.append(
+            {
+                "seed": seed,
+                "prompt": settings.prompt,
+                "attribution_prompt": settings.attribution_prompt,
+                "energies": output.energies[:, 0].tolist(),
+                "grad_norms": output.grad_norms[:, 0].tolist(),
+                "guidance_applied": output.applied[:, 0].tolist(),
+                "iou": float(output.iou()[0]),
+                "biou": {name: float(values[0]) for name, values in biou.items()},
+            }
+        )
+        typer.echo(f"seed {seed}: IoU = {results[-1]['iou']:.4f}")
+    summary = {
+        "model": model,
+        "profession": profession,
+        "axis": axis,
+        "method": method,
+        "lambda": lambda_,
+        "preset": preset,
+        "steps": steps,
+        "q": q,
+        "results": results,
+    }
+    (folder / "result.json").write_text(json.dumps(summary, indent=2))
+    typer.echo(f"wrote {folder}")
+
+
 def main() -> None:
     app()
 

@@ -130,22 +130,27 @@ def _clip_text_config(
     )
 
 
-def _tiny_vae():
+def _kl_vae(block_out_channels, layers_per_block: int, sample_size: int, norm_num_groups=32):
+    """An SD-style KL autoencoder with four levels (vae_scale_factor 8), random weights."""
     from diffusers import AutoencoderKL
 
-    # Four levels like the real VAE, so vae_scale_factor is 8 and image sizes behave
-    # as with released models; 8 channels keep it cheap.
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
         latent_channels=4,
-        norm_num_groups=4,
-        sample_size=128,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
     )
+
+
+def _tiny_vae():
+    # Four levels like the real VAE, so vae_scale_factor is 8 and image sizes behave
+    # as with released models; 8 channels keep it cheap.
+    return _kl_vae((8, 8, 8, 8), 1, 128, norm_num_groups=4)
 
 
 def _sd_scheduler():
@@ -301,18 +306,7 @@ def sd15_text_encoder():
 
 def sd15_vae():
     """SD1.5's KL autoencoder (83.7M parameters), randomly initialised."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
+    return _kl_vae((128, 256, 512, 512), 2, 512)
 
 
 def random_sd15(

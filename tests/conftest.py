@@ -27,11 +27,18 @@ def runnable_backends(op: str, device: str = "cpu") -> list[str]:
     ]
 
 
-def backend_params(op: str) -> list:
-    """pytest params over every backend; unavailable ones are skipped with their reason."""
+def backend_params(op: str, *, cpu_tensors: bool = False) -> list:
+    """pytest params over every backend; unavailable ones are skipped with their reason.
+
+    cpu_tensors: the tests build CPU tensors only, so backends that take GPU tensors are left
+    out (tests/test_cuda_ops.py covers them on a GPU); an interpreted triton takes CPU tensors.
+    """
     params = []
     for name, backend in backends.BACKENDS.items():
-        reason = backend.unsupported(op, torch.device(device_of(name)), torch.float32)
+        device = device_of(name)
+        if cpu_tensors and device != "cpu":
+            continue
+        reason = backend.unsupported(op, torch.device(device), torch.float32)
         marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
         params.append(pytest.param(name, id=name, marks=marks))
     return params

@@ -153,18 +153,30 @@ def test_new_backends_are_picked_up_and_failures_reported(tmp_path, monkeypatch)
         warnings.simplefilter("ignore", RuntimeWarning)
         from bench import bench_ops
 
+    import biasmap.ops as biasmap_ops
     from biasmap.ops import backends
 
     # ReferenceBackend supports everything; under a non-reference name the op wrapper
-    # sends it to the (absent) compiled ops, so it fails like a broken kernel would.
+    # sends it to the compiled ops, which are made to fail here like a broken kernel.
     registry = dict(backends.BACKENDS)
     registry["broken"] = backends.ReferenceBackend("broken")
     registry["triton"] = backends.ReferenceBackend("triton")
     monkeypatch.setattr(backends, "BACKENDS", registry)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
+    class ExplodingOps:
+        def __getattr__(self, name):
+            raise RuntimeError(f"kernel {name} exploded")
+
+    monkeypatch.setattr(biasmap_ops, "_native", ExplodingOps)
+
     case = bench_ops.soft_iou_case(2, 64)
-    assert bench_ops.providers_for(case, torch.device("cpu"), None) == ["reference", "broken"]
+    compiled = ["cpu"] if backends.BACKENDS["cpu"].unavailable("soft_iou") is None else []
+    assert bench_ops.providers_for(case, torch.device("cpu"), None) == [
+        "reference",
+        *compiled,
+        "broken",
+    ]
 
     results = bench_ops.main(
         ["--quick", "--threads", "1", "--results-dir", str(tmp_path), "--ops", "soft_iou"]
@@ -174,5 +186,6 @@ def test_new_backends_are_picked_up_and_failures_reported(tmp_path, monkeypatch)
     assert by_provider["broken"].timing is None
     assert by_provider["broken"].note.startswith("error: ")
     markdown = next(tmp_path.glob("bench_ops_*_quick.md")).read_text()
-    assert "| broken | - [1] |" in markdown
-    assert "[1] 2x64 / fwd / broken: error: " in markdown
+    note = 1 + len(compiled)  # the compiled cpu provider fails first, under the same ops
+    assert f"| broken | - [{note}] |" in markdown
+    assert f"[{note}] 2x64 / fwd / broken: error: " in markdown

@@ -10,7 +10,8 @@ processor computed, so `to_q` runs once per layer call:
 - the rows of the chosen CFG half go through `biasmap.ops.attention_slice` against the
   attribution prompt's keys K' = to_k(text_encoder(P')), computed once per layer;
 - the concept columns, averaged over each concept's sub-tokens, are added into the
-  block's running sum [B, C, h, w] (float32) owned by the `CaptureState`.
+  block's running sum [B, C, h, w] owned by the `CaptureState` (float32; float64
+  pipelines keep float64).
 
 Nothing per step or per query is stored, so the captured memory does not grow with
 the number of steps.
@@ -18,6 +19,7 @@ the number of steps.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 
@@ -56,6 +58,13 @@ class CaptureState:
     block_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     layer_calls: dict[str, int] = field(default_factory=dict)  # per block key, this generation
+    # Guided sampling (biasmap.mitigation) also needs each UNet call's maps on their own,
+    # with the graph back to the queries; a trace leaves these off.
+    keep_step: bool = False
+    differentiable: bool = False
+    step_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The processor after whose slice no later layer needs a graph (block targeting).
+    grad_cutoff: object | None = None
 
     def add(self, block_key: str, columns: torch.Tensor) -> None:
         """Add concept columns [B, C, N] of one layer call into the block's running sum."""
@@ -67,7 +76,13 @@ class CaptureState:
                 f"predicts a {height}x{width} map; this UNet's downsampling is not the 2x "
                 "stride-2 kind biasmap expects"
             )
-        columns = columns.reshape(batch, num_concepts, height, width).float()
+        columns = columns.reshape(batch, num_concepts, height, width)
+        if columns.dtype != torch.float64:  # float16/bfloat16 pipelines accumulate in float32
+            columns = columns.float()
+        if self.keep_step:
+            previous = self.step_sums.get(block_key)
+            self.step_sums[block_key] = columns if previous is None else previous + columns
+            columns = columns.detach()
         if block_key in self.sums:
             self.sums[block_key] += columns
         else:
@@ -141,7 +156,7 @@ class CapturingProcessor:
         finally:
             self._armed = False
             self._query = None
-        with torch.no_grad():
+        with contextlib.nullcontext() if state.differentiable else torch.no_grad():
             if query is None:
                 query = _query_like_attn_processor(attn, hidden_states, kwargs.get("temb"))
             query = query[state.rows]
@@ -155,10 +170,15 @@ class CapturingProcessor:
                 num_heads=attn.heads,
                 scale=attn.scale,
                 key_mask=state.key_mask,
+                validate=False,  # positions come from P''s own tokens; no per-layer GPU syncs
             )  # [B, T, N]
             if state.mean_matrix is not None:
                 columns = torch.einsum("ct,btn->bcn", state.mean_matrix.to(columns), columns)
             state.add(self.block_key, columns)
+        if state.differentiable and state.grad_cutoff is self:
+            # Nothing after this layer feeds the energy: the rest of the UNet call runs
+            # without recording a graph (the caller's enable_grad context restores it).
+            torch.set_grad_enabled(False)
         return output
 
 

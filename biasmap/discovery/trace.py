@@ -362,6 +362,20 @@ class Trace:
             num_images = batch
             state.rows = slice(None)
         state.num_images = num_images
+        self._configure_blocks(height, width)
+        state.sums = {}
+        state.layer_calls = {}
+        self._num_steps = int(
+            getattr(self.pipe, "_num_timesteps", 0) or len(self.pipe.scheduler.timesteps)
+        )
+        self._selected = _selected_steps(self.timesteps, self._num_steps)
+        self._batch_shape = tuple(sample.shape)
+        self._steps_captured = 0
+        self._step = -1
+
+    def _configure_blocks(self, height: int, width: int) -> None:
+        """Name the blocks for a latent of height x width and choose the captured ones."""
+        state = self._state
         names = _block_names(self._blocks, height, width)
         if self.blocks_option == "all":
             wanted = list(names)
@@ -387,15 +401,6 @@ class Trace:
             info.key: (_halved(height, info.halvings), _halved(width, info.halvings))
             for info in self._blocks
         }
-        state.sums = {}
-        state.layer_calls = {}
-        self._num_steps = int(
-            getattr(self.pipe, "_num_timesteps", 0) or len(self.pipe.scheduler.timesteps)
-        )
-        self._selected = _selected_steps(self.timesteps, self._num_steps)
-        self._batch_shape = tuple(sample.shape)
-        self._steps_captured = 0
-        self._step = -1
 
     def _on_unet_call(self, module, args, kwargs) -> None:
         sample = args[0] if args else kwargs["sample"]

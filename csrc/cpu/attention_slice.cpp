@@ -1,0 +1,856 @@
+// CPU kernels for biasmap::attention_slice_fwd / attention_slice_bwd.
+//
+// The reference materialises the [B, H, N, L] probabilities (tens of MB for one
+// SD1.5 layer) and then reads T (=1-3) columns of them. Here every block of R
+// query rows of one head computes its R x L scores in registers, reduces them to
+// the row's log-sum-exp and the T wanted probabilities, and moves on: the only
+// O(N) outputs are out [B, T, N] and lse [B, H, N]. The backward recomputes the
+// probabilities from lse the same way and never stores them either.
+//
+// Speed comes from register-blocked micro-kernels over packed keys. For each
+// (key batch, head) the keys are packed once, pre-multiplied by `scale`, as
+// K^T [d, Lp] (Lp = L rounded up to the vector width) so that a tile of R rows x
+// CT vectors of key columns accumulates in registers while streaming over d:
+// per d step, CT vector loads and R broadcasts feed R*CT FMAs. grad_q uses K
+// [L, dp] the same way over the key axis, and grad_k accumulates K-shaped
+// [d, Lp] in L1 with the ds tile held in registers. Vectors are GCC/Clang vector
+// extensions, and the hot task bodies are compiled three times on x86-64
+// (AVX-512, AVX2+FMA, baseline) with the widest one the CPU supports picked at
+// run time; setting BIASMAP_CPU_ISA=avx2|default caps it (for testing the other
+// paths). The exp is a small range-reduction + polynomial one (~1-2 ulp) so that
+// it vectorises; float64 uses std::exp.
+//
+// Determinism: each task owns disjoint rows of out/lse/grad_q; grad_k partial
+// sums are kept per (batch, head, row chunk) and reduced in a fixed order, with
+// a task split that depends only on the shapes, not on the thread count.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "common/attention_slice.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+// Passing vector-extension values between always_inline helpers triggers
+// "ABI changed" notes that do not apply: nothing here crosses a call boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define BIASMAP_X86_MULTIVERSION 1
+#else
+#define BIASMAP_X86_MULTIVERSION 0
+#endif
+
+namespace biasmap {
+namespace {
+
+namespace as = biasmap::attention_slice;
+
+#define BM_INLINE inline __attribute__((always_inline))
+
+template <class T, int W>
+struct VecOf {
+  typedef T type __attribute__((vector_size(W * sizeof(T))));
+};
+
+template <class V, class T>
+BM_INLINE V vload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <class V, class T>
+BM_INLINE void vstore(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+template <class V, class T>
+BM_INLINE V vbroadcast(T x) {
+  return V{} + x;
+}
+
+// Micro-kernel shape: W lanes per vector, R query rows per tile, CT key-column
+// vectors per score / grad_k tile, DT head-dim vectors per grad_q tile. R*CT
+// accumulators + CT loads + 1 broadcast must fit the register file.
+template <class T_, int W_, int R_, int CT_, int DT_>
+struct Cfg {
+  using T = T_;
+  static constexpr int W = W_;
+  static constexpr int R = R_;
+  static constexpr int CT = CT_;
+  static constexpr int DT = DT_;
+  using V = typename VecOf<T, W>::type;
+};
+
+using CfgAvx512 = Cfg<float, 16, 4, 5, 5>;  // 32 zmm: 20 acc + 5 + 1
+using CfgAvx2 = Cfg<float, 8, 4, 3, 3>;     // 16 ymm: 12 acc + 3 + 1
+using CfgBase = Cfg<float, 4, 4, 3, 3>;     // 16 xmm (SSE2 / NEON)
+using CfgF64 = Cfg<double, 4, 4, 2, 2>;     // correctness path for float64
+
+// exp over a vector. Float: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2,
+// a degree-6 minimax polynomial for e^r (Cephes' coefficients) and 2^n put in
+// the exponent bits. Inputs below ln(FLT_MIN) give 0, so -inf (masked keys)
+// gives exactly 0; the kernels only pass x <= ~0.
+template <class T, int W>
+struct VExp;
+
+template <int W>
+struct VExp<float, W> {
+  using V = typename VecOf<float, W>::type;
+  using I = typename VecOf<int32_t, W>::type;
+  static BM_INLINE V apply(V x) {
+    const V lo = vbroadcast<V>(-87.33654f);
+    const V hi = vbroadcast<V>(88.0f);
+    const V magic = vbroadcast<V>(12582912.0f);  // 1.5 * 2^23: rounds to an integer
+    V xc = x < lo ? lo : x;
+    xc = xc > hi ? hi : xc;
+    const V t = xc * 1.44269504088896341f + magic;
+    const V n = t - magic;
+    const I ni = (I)t - (I)magic;
+    V r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    V p = vbroadcast<V>(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    V y = p * (r * r) + r + 1.0f;
+    const I bits = (ni + 127) << 23;
+    y = y * (V)bits;
+    return x < lo ? V{} : y;
+  }
+};
+
+template <int W>
+struct VExp<double, W> {
+  using V = typename VecOf<double, W>::type;
+  static BM_INLINE V apply(const V& x) {
+    V y;
+    for (int i = 0; i < W; ++i) y[i] = std::exp(x[i]);
+    return y;
+  }
+};
+
+// Horizontal sum / max by halving (log2(W) vector steps instead of W scalar ones).
+template <class T, int W>
+BM_INLINE T hsum(const typename VecOf<T, W>::type& v) {
+  if constexpr (W == 2) {
+    return v[0] + v[1];
+  } else {
+    using H = typename VecOf<T, W / 2>::type;
+    H lo, hi;
+    std::memcpy(&lo, &v, sizeof(H));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
+    return hsum<T, W / 2>(lo + hi);
+  }
+}
+
+template <class T, int W>
+BM_INLINE T hmax(const typename VecOf<T, W>::type& v) {
+  if constexpr (W == 2) {
+    return v[0] > v[1] ? v[0] : v[1];
+  } else {
+    using H = typename VecOf<T, W / 2>::type;
+    H lo, hi;
+    std::memcpy(&lo, &v, sizeof(H));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
+    return hmax<T, W / 2>(lo > hi ? lo : hi);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Micro-kernels. Pointers are pre-offset to the tile's first column; `lp` is the
+// row stride of packed K^T, scores, ds and dK^T; `ldq` the row stride of q.
+
+// s[r, :] = q[r, :d] . kt[:d, :] + bias for R rows and NC column vectors;
+// with rmax, also folds the tile into the rows' running lane-wise maxima.
+template <class C, int NC>
+BM_INLINE void score_tile(const typename C::T* q, int64_t ldq, int64_t d,
+                          const typename C::T* kt, int64_t lp, const typename C::T* bias,
+                          typename C::T* s, typename C::V* rmax) {
+  using T = typename C::T;
+  using V = typename C::V;
+  constexpr int W = C::W, R = C::R;
+  V acc[R][NC];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c] = V{};
+  for (int64_t j = 0; j < d; ++j) {
+    V kv[NC];
+    for (int c = 0; c < NC; ++c) kv[c] = vload<V>(kt + j * lp + c * W);
+    for (int r = 0; r < R; ++r) {
+      const T a = q[r * ldq + j];
+      for (int c = 0; c < NC; ++c) acc[r][c] += a * kv[c];
+    }
+  }
+  for (int c = 0; c < NC; ++c) {
+    const V b = vload<V>(bias + c * W);
+    for (int r = 0; r < R; ++r) {
+      acc[r][c] += b;
+      vstore(s + r * lp + c * W, acc[r][c]);
+    }
+  }
+  if (rmax) {
+    for (int r = 0; r < R; ++r) {
+      V m = rmax[r];
+      for (int c = 0; c < NC; ++c) m = acc[r][c] > m ? acc[r][c] : m;
+      rmax[r] = m;
+    }
+  }
+}
+
+// dkt[:d, :] += q[:R, :d]^T ds[:R, :] for NC column vectors; the ds tile stays
+// in registers while dK^T rows stream through L1.
+template <class C, int NC>
+BM_INLINE void dkt_tile(const typename C::T* q, int64_t ldq, int64_t d, const typename C::T* ds,
+                        int64_t lp, typename C::T* dkt) {
+  using T = typename C::T;
+  using V = typename C::V;
+  constexpr int W = C::W, R = C::R;
+  V dv[R][NC];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) dv[r][c] = vload<V>(ds + r * lp + c * W);
+  for (int64_t j = 0; j < d; ++j) {
+    V acc[NC];
+    for (int c = 0; c < NC; ++c) acc[c] = vload<V>(dkt + j * lp + c * W);
+    for (int r = 0; r < R; ++r) {
+      const T a = q[r * ldq + j];
+      for (int c = 0; c < NC; ++c) acc[c] += a * dv[r][c];
+    }
+    for (int c = 0; c < NC; ++c) vstore(dkt + j * lp + c * W, acc[c]);
+  }
+}
+
+// gq[r, :] = sum_{l < L} ds[r, l] kp[l, :] for ND head-dim vectors (kp is
+// scale * K packed [L, dp], gq row stride dp).
+template <class C, int ND>
+BM_INLINE void gq_tile(const typename C::T* ds, int64_t lp, int64_t L, const typename C::T* kp,
+                       int64_t dp, typename C::T* gq) {
+  using T = typename C::T;
+  using V = typename C::V;
+  constexpr int W = C::W, R = C::R;
+  V acc[R][ND];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < ND; ++c) acc[r][c] = V{};
+  for (int64_t l = 0; l < L; ++l) {
+    V kv[ND];
+    for (int c = 0; c < ND; ++c) kv[c] = vload<V>(kp + l * dp + c * W);
+    for (int r = 0; r < R; ++r) {
+      const T a = ds[r * lp + l];
+      for (int c = 0; c < ND; ++c) acc[r][c] += a * kv[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < ND; ++c) vstore(gq + r * dp + c * W, acc[r][c]);
+}
+
+// Full rows: tiles of CT (or DT) vectors, then one narrower tile for the rest.
+template <class C, int K>
+BM_INLINE void score_rest(int64_t rest, const typename C::T* q, int64_t ldq, int64_t d,
+                          const typename C::T* kt, int64_t lp, const typename C::T* bias,
+                          typename C::T* s, typename C::V* rmax) {
+  if constexpr (K > 0) {
+    if (rest == K) {
+      score_tile<C, K>(q, ldq, d, kt, lp, bias, s, rmax);
+    } else {
+      score_rest<C, K - 1>(rest, q, ldq, d, kt, lp, bias, s, rmax);
+    }
+  }
+}
+
+// rmax (optional): R lane-wise maxima, updated.
+template <class C>
+BM_INLINE void score_rows(const typename C::T* q, int64_t ldq, int64_t d, const typename C::T* kt,
+                          int64_t lp, const typename C::T* bias, typename C::T* s,
+                          typename C::V* rmax) {
+  constexpr int W = C::W, CT = C::CT;
+  const int64_t nv = lp / W;
+  int64_t v = 0;
+  for (; v + CT <= nv; v += CT) {
+    score_tile<C, CT>(q, ldq, d, kt + v * W, lp, bias + v * W, s + v * W, rmax);
+  }
+  score_rest<C, CT - 1>(nv - v, q, ldq, d, kt + v * W, lp, bias + v * W, s + v * W, rmax);
+}
+
+template <class C, int K>
+BM_INLINE void dkt_rest(int64_t rest, const typename C::T* q, int64_t ldq, int64_t d,
+                        const typename C::T* ds, int64_t lp, typename C::T* dkt) {
+  if constexpr (K > 0) {
+    if (rest == K) {
+      dkt_tile<C, K>(q, ldq, d, ds, lp, dkt);
+    } else {
+      dkt_rest<C, K - 1>(rest, q, ldq, d, ds, lp, dkt);
+    }
+  }
+}
+
+template <class C>
+BM_INLINE void dkt_rows(const typename C::T* q, int64_t ldq, int64_t d, const typename C::T* ds,
+                        int64_t lp, typename C::T* dkt) {
+  constexpr int W = C::W, CT = C::CT;
+  const int64_t nv = lp / W;
+  int64_t v = 0;
+  for (; v + CT <= nv; v += CT) dkt_tile<C, CT>(q, ldq, d, ds + v * W, lp, dkt + v * W);
+  dkt_rest<C, CT - 1>(nv - v, q, ldq, d, ds + v * W, lp, dkt + v * W);
+}
+
+template <class C, int K>
+BM_INLINE void gq_rest(int64_t rest, const typename C::T* ds, int64_t lp, int64_t L,
+                       const typename C::T* kp, int64_t dp, typename C::T* gq) {
+  if constexpr (K > 0) {
+    if (rest == K) {
+      gq_tile<C, K>(ds, lp, L, kp, dp, gq);
+    } else {
+      gq_rest<C, K - 1>(rest, ds, lp, L, kp, dp, gq);
+    }
+  }
+}
+
+template <class C>
+BM_INLINE void gq_rows(const typename C::T* ds, int64_t lp, int64_t L, const typename C::T* kp,
+                       int64_t dp, typename C::T* gq) {
+  constexpr int W = C::W, DT = C::DT;
+  const int64_t nv = dp / W;
+  int64_t v = 0;
+  for (; v + DT <= nv; v += DT) gq_tile<C, DT>(ds, lp, L, kp + v * W, dp, gq + v * W);
+  gq_rest<C, DT - 1>(nv - v, ds, lp, L, kp + v * W, dp, gq + v * W);
+}
+
+// ---------------------------------------------------------------------------
+// Tasks.
+
+template <class S, class T>
+struct Problem {
+  const S* q;
+  const T* kt;    // [Bk, H, d, lp], scale * K^T, zero padded
+  const T* kp;    // [Bk, H, L, dp], scale * K, zero padded (backward only)
+  const T* bias;  // [Bm, lp], 0 for kept keys, -inf for masked keys and padding
+  const int64_t* tok;
+  int64_t B, N, H, d, hd, L, lp, dp, ntok;
+  bool k_batched, mask_batched;
+  int64_t chunk;  // query rows per task
+  // forward
+  S* out;
+  T* lse_out;
+  // backward
+  const S* gout;
+  const T* lse;
+  S* grad_q;
+  T* dk_partial;  // [B, H, chunks, L, d]
+  int64_t chunks;
+};
+
+// Points qp at R rows of head h starting at row n (directly into q when the
+// dtype matches and all rows exist, else into a zero-padded converted copy).
+template <class C, class S>
+BM_INLINE const typename C::T* q_rows(const Problem<S, typename C::T>& p, int64_t b, int64_t h,
+                                      int64_t n, int64_t nr, typename C::T* qbuf,
+                                      int64_t* ldq) {
+  using T = typename C::T;
+  const S* src = p.q + (b * p.N + n) * p.hd + h * p.d;
+  if constexpr (std::is_same_v<S, T>) {
+    if (nr == C::R) {
+      *ldq = p.hd;
+      return src;
+    }
+  }
+  for (int64_t r = 0; r < C::R; ++r) {
+    for (int64_t j = 0; j < p.d; ++j) {
+      qbuf[r * p.d + j] = r < nr ? static_cast<T>(src[r * p.hd + j]) : T(0);
+    }
+  }
+  *ldq = p.d;
+  return qbuf;
+}
+
+// Forward for query rows [n0, n1) of batch b, all heads.
+template <class C, class S>
+BM_INLINE void fwd_task(const Problem<S, typename C::T>& p, int64_t b, int64_t n0, int64_t n1) {
+  using T = typename C::T;
+  using V = typename C::V;
+  constexpr int W = C::W, R = C::R;
+  const int64_t rows = n1 - n0, lp = p.lp, nv = lp / W;
+  std::vector<T> buf(R * lp + R * p.d + p.ntok * rows, T(0));
+  T* s = buf.data();
+  T* qbuf = s + R * lp;
+  T* oacc = qbuf + R * p.d;
+  const T* bias = p.bias + (p.mask_batched ? b : 0) * lp;
+  const int64_t bk = p.k_batched ? b : 0;
+  for (int64_t h = 0; h < p.H; ++h) {
+    const T* kt = p.kt + (bk * p.H + h) * p.d * lp;
+    T* lse_row = p.lse_out + (b * p.H + h) * p.N;
+    for (int64_t n = n0; n < n1; n += R) {
+      const int64_t nr = std::min<int64_t>(R, n1 - n);
+      int64_t ldq = 0;
+      const T* qp = q_rows<C>(p, b, h, n, nr, qbuf, &ldq);
+      V rmax[R];
+      for (int r = 0; r < R; ++r) rmax[r] = vbroadcast<V>(-std::numeric_limits<T>::infinity());
+      score_rows<C>(qp, ldq, p.d, kt, lp, bias, s, rmax);
+      for (int64_t r = 0; r < nr; ++r) {
+        T* sr = s + r * lp;
+        const T m = hmax<T, W>(rmax[r]);
+        V sv = V{};
+        for (int64_t v = 0; v < nv; ++v) {
+          const V e = VExp<T, W>::apply(vload<V>(sr + v * W) - m);
+          vstore(sr + v * W, e);
+          sv += e;
+        }
+        const T sum = hsum<T, W>(sv);
+        lse_row[n + r] = m + std::log(sum);
+        const T inv = T(1) / sum;
+        for (int64_t t = 0; t < p.ntok; ++t) oacc[t * rows + (n - n0 + r)] += sr[p.tok[t]] * inv;
+      }
+    }
+  }
+  for (int64_t t = 0; t < p.ntok; ++t) {
+    S* dst = p.out + (b * p.ntok + t) * p.N + n0;
+    for (int64_t i = 0; i < rows; ++i) dst[i] = static_cast<S>(oacc[t * rows + i]);
+  }
+}
+
+// grad_k sums over query rows in blocks of this many rows (a multiple of every R).
+constexpr int64_t kDkBlockRows = 64;
+
+// Backward for query rows of chunk c of batch b, head h: writes grad_q for
+// those rows and head, and this task's grad_k partial sum.
+template <class C, class S>
+BM_INLINE void bwd_task(const Problem<S, typename C::T>& p, int64_t b, int64_t h, int64_t c) {
+  using T = typename C::T;
+  using V = typename C::V;
+  constexpr int W = C::W, R = C::R;
+  const int64_t lp = p.lp, dp = p.dp, d = p.d, L = p.L, nv = lp / W;
+  const int64_t n0 = c * p.chunk, n1 = std::min(p.N, n0 + p.chunk);
+  std::vector<T> buf(2 * R * lp + R * d + R * dp + 2 * d * lp, T(0));
+  T* s = buf.data();
+  T* ds = s + R * lp;
+  T* qbuf = ds + R * lp;
+  T* gq = qbuf + R * d;
+  T* dkt = gq + R * dp;       // this block of kDkBlockRows rows
+  T* dkt_sum = dkt + d * lp;  // the whole chunk: blocked sums keep grad_k's error ~ (64 + N/64) eps
+  const T* bias = p.bias + (p.mask_batched ? b : 0) * lp;
+  const int64_t bk = p.k_batched ? b : 0;
+  const T* kt = p.kt + (bk * p.H + h) * d * lp;
+  const T* kp = p.kp + (bk * p.H + h) * L * dp;
+  const T* lse_row = p.lse + (b * p.H + h) * p.N;
+  const S* g = p.gout + b * p.ntok * p.N;
+  for (int64_t n = n0; n < n1; n += R) {
+    const int64_t nr = std::min<int64_t>(R, n1 - n);
+    int64_t ldq = 0;
+    const T* qp = q_rows<C>(p, b, h, n, nr, qbuf, &ldq);
+    score_rows<C>(qp, ldq, d, kt, lp, bias, s, nullptr);
+    for (int64_t r = 0; r < R; ++r) {
+      T* pr = s + r * lp;
+      T* dr = ds + r * lp;
+      if (r >= nr) {
+        std::fill(dr, dr + lp, T(0));
+        continue;
+      }
+      const T lse = lse_row[n + r];
+      for (int64_t v = 0; v < nv; ++v) {
+        vstore(pr + v * W, VExp<T, W>::apply(vload<V>(pr + v * W) - lse));
+      }
+      const T delta = as::row_delta(pr, p.tok, p.ntok, g + n + r, p.N);
+      for (int64_t v = 0; v < nv; ++v) vstore(dr + v * W, vload<V>(pr + v * W) * -delta);
+      as::row_add_token_grads(dr, pr, p.tok, p.ntok, g + n + r, p.N);
+    }
+    gq_rows<C>(ds, lp, L, kp, dp, gq);
+    for (int64_t r = 0; r < nr; ++r) {
+      S* dst = p.grad_q + (b * p.N + n + r) * p.hd + h * d;
+      for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<S>(gq[r * dp + j]);
+    }
+    dkt_rows<C>(qp, ldq, d, ds, lp, dkt);
+    if (n + R >= n1 || (n + R - n0) % kDkBlockRows == 0) {
+      for (int64_t i = 0; i < d * lp; i += W) {
+        vstore(dkt_sum + i, vload<V>(dkt_sum + i) + vload<V>(dkt + i));
+        vstore(dkt + i, V{});
+      }
+    }
+  }
+  T* part = p.dk_partial + ((b * p.H + h) * p.chunks + c) * L * d;
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t j = 0; j < d; ++j) part[l * d + j] = dkt_sum[j * lp + l];
+}
+
+// One out-of-line copy of each task per instruction set. The task bodies are
+// always_inline, so they are compiled with the wrapper's target options.
+#define BM_DEFINE_TASKS(SUFFIX, ATTR, CFG)                                                  \
+  template <class S>                                                                       \
+  ATTR __attribute__((noinline)) void fwd_task_##SUFFIX(const Problem<S, float>& p, int64_t b, \
+                                                        int64_t n0, int64_t n1) {          \
+    fwd_task<CFG, S>(p, b, n0, n1);                                                        \
+  }                                                                                        \
+  template <class S>                                                                       \
+  ATTR __attribute__((noinline)) void bwd_task_##SUFFIX(const Problem<S, float>& p, int64_t b, \
+                                                        int64_t h, int64_t c) {            \
+    bwd_task<CFG, S>(p, b, h, c);                                                          \
+  }
+
+BM_DEFINE_TASKS(base, , CfgBase)
+#if BIASMAP_X86_MULTIVERSION
+BM_DEFINE_TASKS(avx2, __attribute__((target("avx2,fma"))), CfgAvx2)
+BM_DEFINE_TASKS(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))),
+                CfgAvx512)
+#endif
+
+enum class Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa hardware_isa() {
+#if BIASMAP_X86_MULTIVERSION
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      return Isa::kAvx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    return Isa::kBase;
+  }();
+  return isa;
+#else
+  return Isa::kBase;
+#endif
+}
+
+// The widest instruction set to use: the hardware's, capped by BIASMAP_CPU_ISA
+// ("avx512", "avx2" or "default"), read on every call so tests can switch it.
+Isa active_isa() {
+  Isa isa = hardware_isa();
+  if (const char* env = std::getenv("BIASMAP_CPU_ISA")) {
+    const std::string cap(env);
+    if (cap == "default" || cap == "base") {
+      isa = Isa::kBase;
+    } else if (cap == "avx2") {
+      isa = std::min(isa, Isa::kAvx2);
+    }
+  }
+  return isa;
+}
+
+template <class S, class T>
+void run_fwd_task(Isa isa, const Problem<S, T>& p, int64_t b, int64_t n0, int64_t n1) {
+  if constexpr (std::is_same_v<T, double>) {
+    (void)isa;
+    fwd_task<CfgF64, S>(p, b, n0, n1);
+  } else {
+#if BIASMAP_X86_MULTIVERSION
+    if (isa == Isa::kAvx512) return fwd_task_avx512<S>(p, b, n0, n1);
+    if (isa == Isa::kAvx2) return fwd_task_avx2<S>(p, b, n0, n1);
+#endif
+    (void)isa;
+    fwd_task_base<S>(p, b, n0, n1);
+  }
+}
+
+template <class S, class T>
+void run_bwd_task(Isa isa, const Problem<S, T>& p, int64_t b, int64_t h, int64_t c) {
+  if constexpr (std::is_same_v<T, double>) {
+    (void)isa;
+    bwd_task<CfgF64, S>(p, b, h, c);
+  } else {
+#if BIASMAP_X86_MULTIVERSION
+    if (isa == Isa::kAvx512) return bwd_task_avx512<S>(p, b, h, c);
+    if (isa == Isa::kAvx2) return bwd_task_avx2<S>(p, b, h, c);
+#endif
+    (void)isa;
+    bwd_task_base<S>(p, b, h, c);
+  }
+}
+
+int vector_width(Isa isa, bool is_double) {
+  if (is_double) return CfgF64::W;
+  switch (isa) {
+    case Isa::kAvx512:
+      return CfgAvx512::W;
+    case Isa::kAvx2:
+      return CfgAvx2::W;
+    default:
+      return CfgBase::W;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Checks and packing.
+
+struct Dims {
+  int64_t B, N, hd, H, d, Bk, L, ntok, Bm;
+};
+
+Dims check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                  const at::Tensor& token_index, int64_t num_heads,
+                  const std::optional<at::Tensor>& key_mask) {
+  TORCH_CHECK(q.dim() == 3, op, ": q must be [B, N, H*d], got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 3, op, ": k must be [B or 1, L, H*d], got shape ", k.sizes());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), op,
+              ": q must be float16, bfloat16, float32 or float64, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": k has dtype ", k.scalar_type(),
+              " but q has dtype ", q.scalar_type());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && token_index.device().is_cpu(), op,
+              ": q, k and token_index must be CPU tensors");
+  Dims s{};
+  s.B = q.size(0);
+  s.N = q.size(1);
+  s.hd = q.size(2);
+  TORCH_CHECK(num_heads >= 1, op, ": num_heads must be >= 1, got ", num_heads);
+  TORCH_CHECK(s.hd % num_heads == 0, op, ": q's last dimension ", s.hd,
+              " is not divisible by num_heads=", num_heads);
+  s.H = num_heads;
+  s.d = s.hd / num_heads;
+  s.Bk = k.size(0);
+  s.L = k.size(1);
+  TORCH_CHECK(k.size(2) == s.hd, op, ": k's last dimension must equal q's (", s.hd, "), got ",
+              k.sizes());
+  TORCH_CHECK(s.Bk == 1 || s.Bk == s.B, op, ": k's batch must be 1 or q's batch ", s.B,
+              ", got ", s.Bk);
+  TORCH_CHECK(s.L >= 1, op, ": k must have at least one key (L >= 1), got ", k.sizes());
+  TORCH_CHECK(token_index.dim() == 1 && token_index.scalar_type() == at::kLong, op,
+              ": token_index must be a 1-D long tensor [T], got ", token_index.scalar_type(), " ",
+              token_index.sizes());
+  s.ntok = token_index.size(0);
+  s.Bm = 1;
+  if (key_mask.has_value()) {
+    const at::Tensor& m = *key_mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool, op, ": key_mask must be bool, got ",
+                m.scalar_type());
+    TORCH_CHECK(m.device().is_cpu(), op, ": key_mask must be a CPU tensor");
+    TORCH_CHECK(m.dim() == 2 && m.size(1) == s.L && (m.size(0) == 1 || m.size(0) == s.B), op,
+                ": key_mask must be [", s.B, " or 1, ", s.L, "], got ", m.sizes());
+    s.Bm = m.size(0);
+  }
+  return s;
+}
+
+void check_token_index(const char* op, const at::Tensor& tok, int64_t L) {
+  const int64_t* t = tok.data_ptr<int64_t>();
+  for (int64_t i = 0; i < tok.numel(); ++i) {
+    TORCH_CHECK(t[i] >= 0 && t[i] < L, op, ": token_index[", i, "] = ", t[i],
+                " is out of range; key positions must be in [0, ", L, ")");
+  }
+}
+
+// [Bm, lp] additive bias: 0 for kept keys, -inf for masked keys and padding.
+template <class T>
+std::vector<T> make_bias(const char* op, const std::optional<at::Tensor>& key_mask, int64_t Bm,
+                         int64_t L, int64_t lp) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  std::vector<T> bias(Bm * lp, neg_inf);
+  if (!key_mask.has_value()) {
+    std::fill(bias.begin(), bias.begin() + L, T(0));
+    return bias;
+  }
+  const at::Tensor m = key_mask->contiguous();
+  const bool* mp = m.data_ptr<bool>();
+  for (int64_t b = 0; b < Bm; ++b) {
+    bool any = false;
+    for (int64_t l = 0; l < L; ++l) {
+      if (mp[b * L + l]) {
+        bias[b * lp + l] = T(0);
+        any = true;
+      }
+    }
+    TORCH_CHECK(any, op, ": key_mask row ", b,
+                " keeps no key; every row needs at least one True entry");
+  }
+  return bias;
+}
+
+// scale * K packed per (key batch, head) as K^T [d, lp] and, if kp, K [L, dp].
+template <class S, class T>
+void pack_keys(const S* k, const Dims& s, int64_t lp, int64_t dp, T scale, T* kt, T* kp) {
+  for (int64_t bk = 0; bk < s.Bk; ++bk) {
+    for (int64_t h = 0; h < s.H; ++h) {
+      T* ktb = kt + (bk * s.H + h) * s.d * lp;
+      T* kpb = kp ? kp + (bk * s.H + h) * s.L * dp : nullptr;
+      for (int64_t l = 0; l < s.L; ++l) {
+        const S* src = k + (bk * s.L + l) * s.hd + h * s.d;
+        for (int64_t j = 0; j < s.d; ++j) {
+          const T v = scale * static_cast<T>(src[j]);
+          ktb[j * lp + l] = v;
+          if (kpb) kpb[l * dp + j] = v;
+        }
+      }
+    }
+  }
+}
+
+// Below this many multiply-adds a call runs on one thread (thread start-up
+// costs more than it saves).
+constexpr int64_t kSerialWork = int64_t(1) << 18;
+
+// ---------------------------------------------------------------------------
+// Ops.
+
+std::tuple<at::Tensor, at::Tensor> attention_slice_fwd(const at::Tensor& q_in,
+                                                       const at::Tensor& k_in,
+                                                       const at::Tensor& token_index_in,
+                                                       int64_t num_heads, double scale,
+                                                       const std::optional<at::Tensor>& key_mask) {
+  constexpr const char* op = "attention_slice_fwd";
+  const Dims s = check_inputs(op, q_in, k_in, token_index_in, num_heads, key_mask);
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor k = k_in.contiguous();
+  const at::Tensor tok = token_index_in.contiguous();
+  check_token_index(op, tok, s.L);
+  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({s.B, s.ntok, s.N}, q.options());
+  at::Tensor lse = at::empty({s.B, s.H, s.N}, q.options().dtype(acc_dtype));
+  const Isa isa = active_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
+    using S = scalar_t;
+    using T = at::opmath_type<S>;
+    const int64_t W = vector_width(isa, std::is_same_v<T, double>);
+    const int64_t lp = as::round_up(s.L, W);
+    const std::vector<T> bias = make_bias<T>(op, key_mask, s.Bm, s.L, lp);
+    if (s.B == 0 || s.N == 0) return;
+    // Scratch goes through ATen's allocator so memory profilers see it.
+    const auto acc_opts = q.options().dtype(acc_dtype);
+    at::Tensor kt = at::zeros({s.Bk * s.H * s.d * lp}, acc_opts);
+    pack_keys<S, T>(k.data_ptr<S>(), s, lp, 0, static_cast<T>(scale), kt.data_ptr<T>(), nullptr);
+
+    Problem<S, T> p{};
+    p.q = q.data_ptr<S>();
+    p.kt = kt.data_ptr<T>();
+    p.bias = bias.data();
+    p.tok = tok.data_ptr<int64_t>();
+    p.B = s.B, p.N = s.N, p.H = s.H, p.d = s.d, p.hd = s.hd, p.L = s.L, p.lp = lp;
+    p.ntok = s.ntok;
+    p.k_batched = s.Bk > 1, p.mask_batched = s.Bm > 1;
+    p.out = out.data_ptr<S>();
+    p.lse_out = lse.data_ptr<T>();
+    // Row chunks of at most 256 (a multiple of R), at least 16 tasks overall when N allows.
+    const int64_t want = std::max<int64_t>(1, (16 + s.B - 1) / s.B);
+    p.chunk = std::clamp<int64_t>(as::round_up((s.N + want - 1) / want, 8), 8, 256);
+    const int64_t per_b = (s.N + p.chunk - 1) / p.chunk;
+    const int64_t tasks = s.B * per_b;
+    const int64_t work = s.B * s.N * s.hd * lp;
+    at::parallel_for(0, tasks, work < kSerialWork ? tasks : 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / per_b, n0 = (t % per_b) * p.chunk;
+        run_fwd_task<S, T>(isa, p, b, n0, std::min(s.N, n0 + p.chunk));
+      }
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_slice_bwd(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& token_index_in, int64_t num_heads, double scale,
+    const std::optional<at::Tensor>& key_mask, const at::Tensor& lse_in) {
+  constexpr const char* op = "attention_slice_bwd";
+  const Dims s = check_inputs(op, q_in, k_in, token_index_in, num_heads, key_mask);
+  const auto acc_dtype = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad_out_in.dim() == 3 && grad_out_in.size(0) == s.B &&
+                  grad_out_in.size(1) == s.ntok && grad_out_in.size(2) == s.N,
+              op, ": grad_out must be [", s.B, ", ", s.ntok, ", ", s.N, "], got ",
+              grad_out_in.sizes());
+  TORCH_CHECK(grad_out_in.device().is_cpu(), op, ": grad_out must be a CPU tensor");
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == s.B && lse_in.size(1) == s.H &&
+                  lse_in.size(2) == s.N,
+              op, ": lse must be [", s.B, ", ", s.H, ", ", s.N, "], got ", lse_in.sizes());
+  TORCH_CHECK(lse_in.scalar_type() == acc_dtype && lse_in.device().is_cpu(), op,
+              ": lse must be a CPU ", acc_dtype, " tensor (the forward's), got ",
+              lse_in.scalar_type());
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor k = k_in.contiguous();
+  const at::Tensor tok = token_index_in.contiguous();
+  // Upstream gradients can be expanded (stride-0) views or another float dtype.
+  const at::Tensor gout = grad_out_in.to(q.scalar_type()).contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  check_token_index(op, tok, s.L);
+  at::Tensor grad_q = at::empty_like(q);
+  at::Tensor grad_k = at::empty_like(k);
+  const Isa isa = active_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
+    using S = scalar_t;
+    using T = at::opmath_type<S>;
+    const int64_t W = vector_width(isa, std::is_same_v<T, double>);
+    const int64_t lp = as::round_up(s.L, W);
+    const int64_t dp = as::round_up(s.d, W);
+    const std::vector<T> bias = make_bias<T>(op, key_mask, s.Bm, s.L, lp);
+    if (s.B == 0 || s.N == 0) {
+      grad_q.zero_();
+      grad_k.zero_();
+      return;
+    }
+    // Scratch goes through ATen's allocator so memory profilers see it.
+    const auto acc_opts = q.options().dtype(acc_dtype);
+    at::Tensor kt = at::zeros({s.Bk * s.H * s.d * lp}, acc_opts);
+    at::Tensor kp = at::zeros({s.Bk * s.H * s.L * dp}, acc_opts);
+    pack_keys<S, T>(k.data_ptr<S>(), s, lp, dp, static_cast<T>(scale), kt.data_ptr<T>(),
+                    kp.data_ptr<T>());
+
+    Problem<S, T> p{};
+    p.q = q.data_ptr<S>();
+    p.kt = kt.data_ptr<T>();
+    p.kp = kp.data_ptr<T>();
+    p.bias = bias.data();
+    p.tok = tok.data_ptr<int64_t>();
+    p.B = s.B, p.N = s.N, p.H = s.H, p.d = s.d, p.hd = s.hd, p.L = s.L, p.lp = lp, p.dp = dp;
+    p.ntok = s.ntok;
+    p.k_batched = s.Bk > 1, p.mask_batched = s.Bm > 1;
+    p.gout = gout.data_ptr<S>();
+    p.lse = lse.data_ptr<T>();
+    p.grad_q = grad_q.data_ptr<S>();
+    // Tasks are (b, h, row chunk); enough chunks for >= 16 tasks, each >= 128
+    // rows. The split depends only on the shapes, so grad_k is reproducible.
+    const int64_t bh = s.B * s.H;
+    p.chunks = std::clamp<int64_t>((16 + bh - 1) / bh, 1, std::max<int64_t>(1, s.N / 128));
+    p.chunk = as::round_up((s.N + p.chunks - 1) / p.chunks, 8);
+    p.chunks = (s.N + p.chunk - 1) / p.chunk;
+    at::Tensor partial_t = at::empty({bh * p.chunks * s.L * s.d}, acc_opts);
+    const T* partial = partial_t.data_ptr<T>();
+    p.dk_partial = partial_t.data_ptr<T>();
+    const int64_t tasks = bh * p.chunks;
+    const int64_t work = 3 * s.B * s.N * s.hd * lp;
+    at::parallel_for(0, tasks, work < kSerialWork ? tasks : 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c = t % p.chunks, bh_i = t / p.chunks;
+        run_bwd_task<S, T>(isa, p, bh_i / s.H, bh_i % s.H, c);
+      }
+    });
+    // grad_k[bk, l, h*d + j] = scale * sum over (b of bk's group, chunk), in order.
+    S* gk = grad_k.data_ptr<S>();
+    const int64_t group = s.Bk == 1 ? s.B : 1;
+    const T sc = static_cast<T>(scale);
+    for (int64_t bk = 0; bk < s.Bk; ++bk) {
+      for (int64_t l = 0; l < s.L; ++l) {
+        for (int64_t h = 0; h < s.H; ++h) {
+          for (int64_t j = 0; j < s.d; ++j) {
+            T acc = T(0);
+            for (int64_t b = bk * group; b < (bk + 1) * group; ++b) {
+              for (int64_t c = 0; c < p.chunks; ++c) {
+                acc += partial[(((b * s.H + h) * p.chunks + c) * s.L + l) * s.d + j];
+              }
+            }
+            gk[(bk * s.L + l) * s.hd + h * s.d + j] = static_cast<S>(sc * acc);
+          }
+        }
+      }
+    }
+  });
+  return {grad_q, grad_k};
+}
+
+}  // namespace
+}  // namespace biasmap
+
+TORCH_LIBRARY_IMPL(biasmap, CPU, m) {
+  m.impl("attention_slice_fwd", &biasmap::attention_slice_fwd);
+  m.impl("attention_slice_bwd", &biasmap::attention_slice_bwd);
+}
