@@ -15,6 +15,8 @@ if not torch.cuda.is_available():
 
 from biasmap.ops import backends  # noqa: E402
 
+INTERPRETED_OPT_IN = "BIASMAP_TEST_INTERPRETED"
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -31,12 +33,17 @@ def backend_params(op: str, *, cpu_tensors: bool = False) -> list:
     """pytest params over every backend; unavailable ones are skipped with their reason.
 
     cpu_tensors: the tests build CPU tensors only, so backends that take GPU tensors are left
-    out (tests/test_cuda_ops.py covers them on a GPU); an interpreted triton takes CPU tensors.
+    out (tests/test_cuda_ops.py covers them on a GPU). So is an interpreted triton, unless
+    BIASMAP_TEST_INTERPRETED=1: such files size their cases for the C++ kernels, and the
+    interpreter runs them at ~150x torch's cost (test_resize_aggregate.py alone takes ~15 min);
+    test_ops_common.py and test_triton_ops.py cover triton at interpreter-sized shapes.
     """
     params = []
     for name, backend in backends.BACKENDS.items():
         device = device_of(name)
         if cpu_tensors and device != "cpu":
+            continue
+        if cpu_tensors and interpreted(name) and os.environ.get(INTERPRETED_OPT_IN) != "1":
             continue
         reason = backend.unsupported(op, torch.device(device), torch.float32)
         marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []

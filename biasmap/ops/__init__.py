@@ -31,13 +31,18 @@ __all__ = [
 ]
 
 
+def _native():
+    return torch.ops.biasmap
+
+
 def _kernels(backend: str):
-    """The op namespace of a kernel backend: biasmap (cpu/cuda, same schemas) or biasmap_triton."""
+    """The op namespace of a kernel backend: _native() for cpu/cuda (one set of schemas), the
+    biasmap_triton ops for triton (the same forward signatures)."""
     if backend == "triton":
         from biasmap.kernels import triton as triton_kernels
 
         return triton_kernels.load()
-    return torch.ops.biasmap
+    return _native()
 
 
 def attention_slice(
