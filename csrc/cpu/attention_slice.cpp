@@ -178,16 +178,13 @@ BM_INLINE T hmax(const typename VecOf<T, W>::type& v) {
 // Micro-kernels. Pointers are pre-offset to the tile's first column; `lp` is the
 // row stride of packed K^T, scores, ds and dK^T; `ldq` the row stride of q.
 
-// s[r, :] = q[r, :d] . kt[:d, :] + bias for R rows and NC column vectors;
-// with rmax, also folds the tile into the rows' running lane-wise maxima.
+// acc[r, :] = q[r, :d] . kt[:d, :] + bias for R rows and NC column vectors.
 template <class C, int NC>
-BM_INLINE void score_tile(const typename C::T* q, int64_t ldq, int64_t d,
-                          const typename C::T* kt, int64_t lp, const typename C::T* bias,
-                          typename C::T* s, typename C::V* rmax) {
+BM_INLINE void score_acc(const typename C::T* q, int64_t ldq, int64_t d, const typename C::T* kt,
+                         int64_t lp, const typename C::T* bias, typename C::V (&acc)[C::R][NC]) {
   using T = typename C::T;
   using V = typename C::V;
   constexpr int W = C::W, R = C::R;
-  V acc[R][NC];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NC; ++c) acc[r][c] = V{};
   for (int64_t j = 0; j < d; ++j) {
@@ -200,16 +197,125 @@ BM_INLINE void score_tile(const typename C::T* q, int64_t ldq, int64_t d,
   }
   for (int c = 0; c < NC; ++c) {
     const V b = vload<V>(bias + c * W);
-    for (int r = 0; r < R; ++r) {
-      acc[r][c] += b;
-      vstore(s + r * lp + c * W, acc[r][c]);
-    }
+    for (int r = 0; r < R; ++r) acc[r][c] += b;
   }
+}
+
+// s[r, :] = q[r, :d] . kt[:d, :] + bias for R rows and NC column vectors;
+// with rmax, also folds the tile into the rows' running lane-wise maxima.
+template <class C, int NC>
+BM_INLINE void score_tile(const typename C::T* q, int64_t ldq, int64_t d,
+                          const typename C::T* kt, int64_t lp, const typename C::T* bias,
+                          typename C::T* s, typename C::V* rmax) {
+  using V = typename C::V;
+  constexpr int W = C::W, R = C::R;
+  V acc[R][NC];
+  score_acc<C, NC>(q, ldq, d, kt, lp, bias, acc);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) vstore(s + r * lp + c * W, acc[r][c]);
   if (rmax) {
     for (int r = 0; r < R; ++r) {
       V m = rmax[r];
       for (int c = 0; c < NC; ++c) m = acc[r][c] > m ? acc[r][c] : m;
       rmax[r] = m;
+    }
+  }
+}
+
+// Whole rows in one tile (Lp = NC vectors, e.g. L = 77 with 16 lanes): the
+// forward's softmax runs on the registers the scores were accumulated in.
+// Writes 2^(s - max) to s (for the token columns), lse for the nr real rows,
+// and adds their token probabilities to oacc[t * ostride + r].
+template <class C, int NC>
+BM_INLINE void fwd_rows_fused(const typename C::T* q, int64_t ldq, int64_t d,
+                              const typename C::T* kt, int64_t lp, const typename C::T* bias,
+                              typename C::T* s, int64_t nr, typename C::T* lse_out,
+                              const int64_t* tok, int64_t ntok, typename C::T* oacc,
+                              int64_t ostride) {
+  using T = typename C::T;
+  using V = typename C::V;
+  constexpr int W = C::W, R = C::R;
+  V acc[R][NC];
+  score_acc<C, NC>(q, ldq, d, kt, lp, bias, acc);
+  for (int r = 0; r < R; ++r) {
+    if (r >= nr) break;
+    V mv = acc[r][0];
+    for (int c = 1; c < NC; ++c) mv = acc[r][c] > mv ? acc[r][c] : mv;
+    const T m = hmax<T, W>(mv);
+    V sv = V{};
+    for (int c = 0; c < NC; ++c) {
+      const V e = VExp2<T, W>::apply(acc[r][c] - m);
+      vstore(s + r * lp + c * W, e);
+      sv += e;
+    }
+    const T sum = hsum<T, W>(sv);
+    // Back to natural-log units, rounded once.
+    lse_out[r] =
+        static_cast<T>((static_cast<double>(m) + std::log2(static_cast<double>(sum))) * kLn2);
+    const T inv = T(1) / sum;
+    for (int64_t t = 0; t < ntok; ++t) oacc[t * ostride + r] += s[r * lp + tok[t]] * inv;
+  }
+}
+
+// The backward's counterpart: p = 2^(s - lse2[r]) from registers to s, then
+// ds = p (G - D) to ds; rows r >= nr get ds = 0. g points at grad_out[b, 0, n].
+template <class C, int NC, class S>
+BM_INLINE void bwd_rows_fused(const typename C::T* q, int64_t ldq, int64_t d,
+                              const typename C::T* kt, int64_t lp, const typename C::T* bias,
+                              typename C::T* s, typename C::T* ds, int64_t nr,
+                              const typename C::T* lse2, const int64_t* tok, int64_t ntok,
+                              const S* g, int64_t g_stride) {
+  using T = typename C::T;
+  using V = typename C::V;
+  constexpr int W = C::W, R = C::R;
+  V acc[R][NC];
+  score_acc<C, NC>(q, ldq, d, kt, lp, bias, acc);
+  for (int r = 0; r < R; ++r) {
+    T* pr = s + r * lp;
+    T* dr = ds + r * lp;
+    if (r >= nr) {
+      for (int c = 0; c < NC; ++c) vstore(dr + c * W, V{});
+      continue;
+    }
+    for (int c = 0; c < NC; ++c) {
+      acc[r][c] = VExp2<T, W>::apply(acc[r][c] - lse2[r]);
+      vstore(pr + c * W, acc[r][c]);
+    }
+    const T delta = as::row_delta(pr, tok, ntok, g + r, g_stride);
+    for (int c = 0; c < NC; ++c) vstore(dr + c * W, acc[r][c] * -delta);
+    as::row_add_token_grads(dr, pr, tok, ntok, g + r, g_stride);
+  }
+}
+
+// Calls fwd_rows_fused / bwd_rows_fused with NC = nv (nv in [1, K]).
+template <class C, int K>
+BM_INLINE void fwd_rows_fused_n(int64_t nv, const typename C::T* q, int64_t ldq, int64_t d,
+                                const typename C::T* kt, int64_t lp, const typename C::T* bias,
+                                typename C::T* s, int64_t nr, typename C::T* lse_out,
+                                const int64_t* tok, int64_t ntok, typename C::T* oacc,
+                                int64_t ostride) {
+  if constexpr (K > 0) {
+    if (nv == K) {
+      fwd_rows_fused<C, K>(q, ldq, d, kt, lp, bias, s, nr, lse_out, tok, ntok, oacc, ostride);
+    } else {
+      fwd_rows_fused_n<C, K - 1>(nv, q, ldq, d, kt, lp, bias, s, nr, lse_out, tok, ntok, oacc,
+                                 ostride);
+    }
+  }
+}
+
+template <class C, int K, class S>
+BM_INLINE void bwd_rows_fused_n(int64_t nv, const typename C::T* q, int64_t ldq, int64_t d,
+                                const typename C::T* kt, int64_t lp, const typename C::T* bias,
+                                typename C::T* s, typename C::T* ds, int64_t nr,
+                                const typename C::T* lse2, const int64_t* tok, int64_t ntok,
+                                const S* g, int64_t g_stride) {
+  if constexpr (K > 0) {
+    if (nv == K) {
+      bwd_rows_fused<C, K, S>(q, ldq, d, kt, lp, bias, s, ds, nr, lse2, tok, ntok, g, g_stride);
+    } else {
+      bwd_rows_fused_n<C, K - 1, S>(nv, q, ldq, d, kt, lp, bias, s, ds, nr, lse2, tok, ntok, g,
+                                    g_stride);
     }
   }
 }
@@ -431,6 +537,11 @@ BM_INLINE void fwd_task(const Problem<S, typename C::T>& p, int64_t b, int64_t n
       const int64_t nr = std::min<int64_t>(R, n1 - n);
       int64_t ldq = 0;
       const T* qp = q_rows<C>(p, b, h, n, nr, qbuf, &ldq);
+      if (nv <= C::CT) {
+        fwd_rows_fused_n<C, C::CT>(nv, qp, ldq, p.d, kt, lp, bias, s, nr, lse_row + n, p.tok,
+                                   p.ntok, oacc + (n - n0), rows);
+        continue;
+      }
       V rmax[R];
       for (int r = 0; r < R; ++r) rmax[r] = vbroadcast<V>(-std::numeric_limits<T>::infinity());
       score_rows<C>(qp, ldq, p.d, kt, lp, bias, s, rmax);
@@ -499,6 +610,18 @@ BM_INLINE void bwd_task(const Problem<S, typename C::T>& p, int64_t b, int64_t h
       for (int64_t j = 0; j < d; ++j) qb[r * d + j] = r < nb ? static_cast<T>(src[j]) : T(0);
     }
     for (int64_t r0 = 0; r0 < nbp; r0 += R) {
+      if (nv <= C::CT) {
+        T lse2[R];
+        for (int r = 0; r < R; ++r) {
+          lse2[r] = r0 + r < nb
+                        ? static_cast<T>(static_cast<double>(lse_row[n + r0 + r]) * kLog2e)
+                        : T(0);
+        }
+        bwd_rows_fused_n<C, C::CT, S>(nv, qb + r0 * d, d, d, kt, lp, bias, s, ds + r0 * lp,
+                                      std::min<int64_t>(R, nb - r0), lse2, p.tok, p.ntok,
+                                      g + n + r0, p.N);
+        continue;
+      }
       score_rows<C>(qb + r0 * d, d, d, kt, lp, bias, s, nullptr);
       for (int64_t r = 0; r < R; ++r) {
         const int64_t row = r0 + r;
