@@ -492,6 +492,7 @@ struct Problem {
   S* grad_q;
   T* dk_partial;  // [B, H, chunks, L, d]
   int64_t chunks;
+  bool need_dk;
 };
 
 // Points qp at R rows of head h starting at row n (directly into q when the
@@ -647,6 +648,7 @@ BM_INLINE void bwd_task(const Problem<S, typename C::T>& p, int64_t b, int64_t h
         for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<S>(gq[r * dp + j]);
       }
     }
+    if (!p.need_dk) continue;
     dkt_rows<C>(qb, d, d, nb, ds, lp, dkt);
     if (n + RB >= n1 || ((n - n0) / RB + 1) % kBwdFlushBlocks == 0) {
       for (int64_t i = 0; i < d * lp; i += W) {
@@ -655,6 +657,7 @@ BM_INLINE void bwd_task(const Problem<S, typename C::T>& p, int64_t b, int64_t h
       }
     }
   }
+  if (!p.need_dk) return;
   T* part = p.dk_partial + ((b * p.H + h) * p.chunks + c) * L * d;
   for (int64_t l = 0; l < L; ++l)
     for (int64_t j = 0; j < d; ++j) part[l * d + j] = dkt_sum[j * lp + l];
@@ -925,10 +928,14 @@ std::tuple<at::Tensor, at::Tensor> attention_slice_fwd(const at::Tensor& q_in,
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_slice_bwd(
+// need_grad_k = false skips grad_k's third of the backward (returning zeros)
+// for callers whose keys need no gradient, such as guidance through the
+// queries only. The op schema has no such flag yet, so the registered op
+// below always computes both.
+std::tuple<at::Tensor, at::Tensor> attention_slice_bwd_impl(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& token_index_in, int64_t num_heads, double scale,
-    const std::optional<at::Tensor>& key_mask, const at::Tensor& lse_in) {
+    const std::optional<at::Tensor>& key_mask, const at::Tensor& lse_in, bool need_grad_k) {
   constexpr const char* op = "attention_slice_bwd";
   const Dims s = check_inputs(op, q_in, k_in, token_index_in, num_heads, key_mask);
   const auto acc_dtype = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -984,13 +991,14 @@ std::tuple<at::Tensor, at::Tensor> attention_slice_bwd(
     p.gout = gout.data_ptr<S>();
     p.lse = lse.data_ptr<T>();
     p.grad_q = grad_q.data_ptr<S>();
+    p.need_dk = need_grad_k;
     // Tasks are (b, h, row chunk); enough chunks for >= 16 tasks, each >= 128
     // rows. The split depends only on the shapes, so grad_k is reproducible.
     const int64_t bh = s.B * s.H;
     p.chunks = std::clamp<int64_t>((16 + bh - 1) / bh, 1, std::max<int64_t>(1, s.N / 128));
     p.chunk = as::round_up((s.N + p.chunks - 1) / p.chunks, 8);
     p.chunks = (s.N + p.chunk - 1) / p.chunk;
-    at::Tensor partial_t = at::empty({bh * p.chunks * s.L * s.d}, acc_opts);
+    at::Tensor partial_t = at::empty({need_grad_k ? bh * p.chunks * s.L * s.d : 0}, acc_opts);
     const T* partial = partial_t.data_ptr<T>();
     p.dk_partial = partial_t.data_ptr<T>();
     const int64_t tasks = bh * p.chunks;
@@ -1001,6 +1009,10 @@ std::tuple<at::Tensor, at::Tensor> attention_slice_bwd(
         run_bwd_task<S, T>(isa, p, bh_i / s.H, bh_i % s.H, c);
       }
     });
+    if (!need_grad_k) {
+      grad_k.zero_();
+      return;
+    }
     // grad_k[bk, l, h*d + j] = scale * sum over (b of bk's group, chunk), in order.
     S* gk = grad_k.data_ptr<S>();
     const int64_t group = s.Bk == 1 ? s.B : 1;
@@ -1022,6 +1034,14 @@ std::tuple<at::Tensor, at::Tensor> attention_slice_bwd(
     }
   });
   return {grad_q, grad_k};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_slice_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& token_index, int64_t num_heads, double scale,
+    const std::optional<at::Tensor>& key_mask, const at::Tensor& lse) {
+  return attention_slice_bwd_impl(grad_out, q, k, token_index, num_heads, scale, key_mask, lse,
+                                  /*need_grad_k=*/true);
 }
 
 }  // namespace
