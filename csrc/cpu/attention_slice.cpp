@@ -538,6 +538,16 @@ BM_INLINE void fwd_task(const Problem<S, typename C::T>& p, int64_t b, int64_t n
       const int64_t nr = std::min<int64_t>(R, n1 - n);
       int64_t ldq = 0;
       const T* qp = q_rows<C>(p, b, h, n, nr, qbuf, &ldq);
+      // This head's slice of each query row is a few cache lines 1-2.5 KB
+      // apart, a stream the hardware prefetchers follow poorly: ask for the
+      // rows 8 tiles ahead (6-12% of the forward at N=4096, d=40).
+      for (int64_t r = n + 8 * R; r < std::min(n1, n + 9 * R); ++r) {
+        const char* src = reinterpret_cast<const char*>(p.q + (b * p.N + r) * p.hd + h * p.d);
+        for (int64_t off = 0; off < p.d * static_cast<int64_t>(sizeof(S)); off += 64) {
+          __builtin_prefetch(src + off);
+        }
+        __builtin_prefetch(src + p.d * sizeof(S) - 1);
+      }
       if (nv <= C::CT) {
         fwd_rows_fused_n<C, C::CT>(nv, qp, ldq, p.d, kt, lp, bias, s, nr, lse_row + n, p.tok,
                                    p.ntok, oacc + (n - n0), rows);
