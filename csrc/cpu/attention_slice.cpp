@@ -8,17 +8,17 @@
 // probabilities from lse the same way and never stores them either.
 //
 // Speed comes from register-blocked micro-kernels over packed keys. For each
-// (key batch, head) the keys are packed once, pre-multiplied by `scale`, as
-// K^T [d, Lp] (Lp = L rounded up to the vector width) so that a tile of R rows x
-// CT vectors of key columns accumulates in registers while streaming over d:
-// per d step, CT vector loads and R broadcasts feed R*CT FMAs. grad_q uses K
-// [L, dp] the same way over the key axis, and grad_k accumulates K-shaped
-// [d, Lp] in L1 with the ds tile held in registers. Vectors are GCC/Clang vector
-// extensions, and the hot task bodies are compiled three times on x86-64
-// (AVX-512, AVX2+FMA, baseline) with the widest one the CPU supports picked at
-// run time; setting BIASMAP_CPU_ISA=avx2|default caps it (for testing the other
-// paths). The exp is a small range-reduction + polynomial one (~1-2 ulp) so that
-// it vectorises; float64 uses std::exp.
+// (key batch, head) the keys are packed once, pre-multiplied by scale * log2(e)
+// (scores in log2 units, so the softmax needs 2^x), as K^T [d, Lp] (Lp = L
+// rounded up to the vector width): a tile of R rows x CT vectors of key columns
+// accumulates in registers while streaming over d, CT vector loads and R
+// broadcasts feeding R*CT FMAs per step. grad_q uses scale * K [L, dp] the same
+// way over the key axis; grad_k keeps a tile of dK^T in registers over a block
+// of query rows. Vectors are GCC/Clang vector extensions, and the task bodies
+// are compiled three times on x86-64 (AVX-512, AVX2+FMA, baseline), the widest
+// one the CPU supports picked at run time; BIASMAP_CPU_ISA=avx2|default caps it
+// (to test the other paths). 2^x is a small rounding + polynomial one (1e-7
+// relative) so that it vectorises; float64 uses std::exp2.
 //
 // Determinism: each task owns disjoint rows of out/lse/grad_q; grad_k partial
 // sums are kept per (batch, head, row chunk) and reduced in a fixed order, with
@@ -102,50 +102,50 @@ using CfgAvx2 = Cfg<float, 8, 4, 3, 3>;     // 16 ymm: 12 acc + 3 + 1
 using CfgBase = Cfg<float, 4, 4, 3, 3>;     // 16 xmm (SSE2 / NEON)
 using CfgF64 = Cfg<double, 4, 4, 2, 2>;     // correctness path for float64
 
-// exp over a vector. Float: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2,
-// a degree-6 minimax polynomial for e^r (Cephes' coefficients) and 2^n put in
-// the exponent bits. Inputs below ln(FLT_MIN) give 0, so -inf (masked keys)
-// gives exactly 0; the kernels only pass x <= ~0.
+// 2^x over a vector. The packed keys carry a factor log2(e), so scores are in
+// log2 units and the exponential needs no multiply by log2(e) and no two-part
+// ln2 reduction: x = n + f with n = round(x), |f| <= 1/2 exact, 2^f from a
+// degree-6 polynomial (fitted here for minimum relative error on [-1/2, 1/2],
+// 1e-7 max), 2^n put in the exponent bits. Inputs below -126 give 0, so -inf
+// (masked keys) gives exactly 0. Callers pass x <= ~0 only (scores minus their
+// max or their log-sum-exp), so there is no overflow branch.
 template <class T, int W>
-struct VExp;
+struct VExp2;
 
 template <int W>
-struct VExp<float, W> {
+struct VExp2<float, W> {
   using V = typename VecOf<float, W>::type;
   using I = typename VecOf<int32_t, W>::type;
   static BM_INLINE V apply(V x) {
-    const V lo = vbroadcast<V>(-87.33654f);
-    const V hi = vbroadcast<V>(88.0f);
-    const V magic = vbroadcast<V>(12582912.0f);  // 1.5 * 2^23: rounds to an integer
-    V xc = x < lo ? lo : x;
-    xc = xc > hi ? hi : xc;
-    const V t = xc * 1.44269504088896341f + magic;
-    const V n = t - magic;
-    const I ni = (I)t - (I)magic;
-    V r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    V p = vbroadcast<V>(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    V y = p * (r * r) + r + 1.0f;
-    const I bits = (ni + 127) << 23;
-    y = y * (V)bits;
-    return x < lo ? V{} : y;
+    const V lo = vbroadcast<V>(-126.0f);
+    const V magic = vbroadcast<V>(12582912.0f);  // 1.5 * 2^23: t's low bits hold round(x)
+    const V xc = x < lo ? lo : x;
+    const V t = xc + magic;
+    const V f = xc - (t - magic);
+    const I bits = ((I)t - ((I)magic - 127)) << 23;  // (round(x) + 127) << 23 = 2^round(x)
+    V p = vbroadcast<V>(1.5353362e-4f);
+    p = p * f + 1.3398875e-3f;
+    p = p * f + 9.6184369e-3f;
+    p = p * f + 5.5503324e-2f;
+    p = p * f + 2.4022648e-1f;
+    p = p * f + 6.9314718e-1f;
+    p = p * f + 1.0f;
+    return x < lo ? V{} : p * (V)bits;
   }
 };
 
 template <int W>
-struct VExp<double, W> {
+struct VExp2<double, W> {
   using V = typename VecOf<double, W>::type;
   static BM_INLINE V apply(const V& x) {
     V y;
-    for (int i = 0; i < W; ++i) y[i] = std::exp(x[i]);
+    for (int i = 0; i < W; ++i) y[i] = std::exp2(x[i]);
     return y;
   }
 };
+
+constexpr double kLog2e = 1.4426950408889634074;
+constexpr double kLn2 = 0.69314718055994530942;
 
 // Horizontal sum / max by halving (log2(W) vector steps instead of W scalar ones).
 template <class T, int W>
@@ -178,16 +178,13 @@ BM_INLINE T hmax(const typename VecOf<T, W>::type& v) {
 // Micro-kernels. Pointers are pre-offset to the tile's first column; `lp` is the
 // row stride of packed K^T, scores, ds and dK^T; `ldq` the row stride of q.
 
-// s[r, :] = q[r, :d] . kt[:d, :] + bias for R rows and NC column vectors;
-// with rmax, also folds the tile into the rows' running lane-wise maxima.
+// acc[r, :] = q[r, :d] . kt[:d, :] + bias for R rows and NC column vectors.
 template <class C, int NC>
-BM_INLINE void score_tile(const typename C::T* q, int64_t ldq, int64_t d,
-                          const typename C::T* kt, int64_t lp, const typename C::T* bias,
-                          typename C::T* s, typename C::V* rmax) {
+BM_INLINE void score_acc(const typename C::T* q, int64_t ldq, int64_t d, const typename C::T* kt,
+                         int64_t lp, const typename C::T* bias, typename C::V (&acc)[C::R][NC]) {
   using T = typename C::T;
   using V = typename C::V;
   constexpr int W = C::W, R = C::R;
-  V acc[R][NC];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NC; ++c) acc[r][c] = V{};
   for (int64_t j = 0; j < d; ++j) {
@@ -200,11 +197,22 @@ BM_INLINE void score_tile(const typename C::T* q, int64_t ldq, int64_t d,
   }
   for (int c = 0; c < NC; ++c) {
     const V b = vload<V>(bias + c * W);
-    for (int r = 0; r < R; ++r) {
-      acc[r][c] += b;
-      vstore(s + r * lp + c * W, acc[r][c]);
-    }
+    for (int r = 0; r < R; ++r) acc[r][c] += b;
   }
+}
+
+// s[r, :] = q[r, :d] . kt[:d, :] + bias for R rows and NC column vectors;
+// with rmax, also folds the tile into the rows' running lane-wise maxima.
+template <class C, int NC>
+BM_INLINE void score_tile(const typename C::T* q, int64_t ldq, int64_t d,
+                          const typename C::T* kt, int64_t lp, const typename C::T* bias,
+                          typename C::T* s, typename C::V* rmax) {
+  using V = typename C::V;
+  constexpr int W = C::W, R = C::R;
+  V acc[R][NC];
+  score_acc<C, NC>(q, ldq, d, kt, lp, bias, acc);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) vstore(s + r * lp + c * W, acc[r][c]);
   if (rmax) {
     for (int r = 0; r < R; ++r) {
       V m = rmax[r];
@@ -214,49 +222,152 @@ BM_INLINE void score_tile(const typename C::T* q, int64_t ldq, int64_t d,
   }
 }
 
-// dkt[:d, :] += q[:R, :d]^T ds[:R, :] for NC column vectors; the ds tile stays
-// in registers while dK^T rows stream through L1.
+// Whole rows in one tile (Lp = NC vectors, e.g. L = 77 with 16 lanes): the
+// forward's softmax runs on the registers the scores were accumulated in.
+// Writes 2^(s - max) to s (for the token columns), lse for the nr real rows,
+// and adds their token probabilities to oacc[t * ostride + r].
 template <class C, int NC>
-BM_INLINE void dkt_tile(const typename C::T* q, int64_t ldq, int64_t d, const typename C::T* ds,
-                        int64_t lp, typename C::T* dkt) {
+BM_INLINE void fwd_rows_fused(const typename C::T* q, int64_t ldq, int64_t d,
+                              const typename C::T* kt, int64_t lp, const typename C::T* bias,
+                              typename C::T* s, int64_t nr, typename C::T* lse_out,
+                              const int64_t* tok, int64_t ntok, typename C::T* oacc,
+                              int64_t ostride) {
   using T = typename C::T;
   using V = typename C::V;
   constexpr int W = C::W, R = C::R;
-  V dv[R][NC];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < NC; ++c) dv[r][c] = vload<V>(ds + r * lp + c * W);
-  for (int64_t j = 0; j < d; ++j) {
-    V acc[NC];
-    for (int c = 0; c < NC; ++c) acc[c] = vload<V>(dkt + j * lp + c * W);
-    for (int r = 0; r < R; ++r) {
-      const T a = q[r * ldq + j];
-      for (int c = 0; c < NC; ++c) acc[c] += a * dv[r][c];
+  V acc[R][NC];
+  score_acc<C, NC>(q, ldq, d, kt, lp, bias, acc);
+  for (int r = 0; r < R; ++r) {
+    if (r >= nr) break;
+    V mv = acc[r][0];
+    for (int c = 1; c < NC; ++c) mv = acc[r][c] > mv ? acc[r][c] : mv;
+    const T m = hmax<T, W>(mv);
+    V sv = V{};
+    for (int c = 0; c < NC; ++c) {
+      const V e = VExp2<T, W>::apply(acc[r][c] - m);
+      vstore(s + r * lp + c * W, e);
+      sv += e;
     }
-    for (int c = 0; c < NC; ++c) vstore(dkt + j * lp + c * W, acc[c]);
+    const T sum = hsum<T, W>(sv);
+    // Back to natural-log units, rounded once.
+    lse_out[r] =
+        static_cast<T>((static_cast<double>(m) + std::log2(static_cast<double>(sum))) * kLn2);
+    const T inv = T(1) / sum;
+    for (int64_t t = 0; t < ntok; ++t) oacc[t * ostride + r] += s[r * lp + tok[t]] * inv;
   }
 }
 
-// gq[r, :] = sum_{l < L} ds[r, l] kp[l, :] for ND head-dim vectors (kp is
-// scale * K packed [L, dp], gq row stride dp).
-template <class C, int ND>
-BM_INLINE void gq_tile(const typename C::T* ds, int64_t lp, int64_t L, const typename C::T* kp,
-                       int64_t dp, typename C::T* gq) {
+// The backward's counterpart: p = 2^(s - lse2[r]) from registers to s, then
+// ds = p (G - D) to ds; rows r >= nr get ds = 0. g points at grad_out[b, 0, n].
+template <class C, int NC, class S>
+BM_INLINE void bwd_rows_fused(const typename C::T* q, int64_t ldq, int64_t d,
+                              const typename C::T* kt, int64_t lp, const typename C::T* bias,
+                              typename C::T* s, typename C::T* ds, int64_t nr,
+                              const typename C::T* lse2, const int64_t* tok, int64_t ntok,
+                              const S* g, int64_t g_stride) {
   using T = typename C::T;
   using V = typename C::V;
   constexpr int W = C::W, R = C::R;
-  V acc[R][ND];
+  V acc[R][NC];
+  score_acc<C, NC>(q, ldq, d, kt, lp, bias, acc);
+  for (int r = 0; r < R; ++r) {
+    T* pr = s + r * lp;
+    T* dr = ds + r * lp;
+    if (r >= nr) {
+      for (int c = 0; c < NC; ++c) vstore(dr + c * W, V{});
+      continue;
+    }
+    for (int c = 0; c < NC; ++c) {
+      acc[r][c] = VExp2<T, W>::apply(acc[r][c] - lse2[r]);
+      vstore(pr + c * W, acc[r][c]);
+    }
+    const T delta = as::row_delta(pr, tok, ntok, g + r, g_stride);
+    for (int c = 0; c < NC; ++c) vstore(dr + c * W, acc[r][c] * -delta);
+    as::row_add_token_grads(dr, pr, tok, ntok, g + r, g_stride);
+  }
+}
+
+// Calls fwd_rows_fused / bwd_rows_fused with NC = nv (nv in [1, K]).
+template <class C, int K>
+BM_INLINE void fwd_rows_fused_n(int64_t nv, const typename C::T* q, int64_t ldq, int64_t d,
+                                const typename C::T* kt, int64_t lp, const typename C::T* bias,
+                                typename C::T* s, int64_t nr, typename C::T* lse_out,
+                                const int64_t* tok, int64_t ntok, typename C::T* oacc,
+                                int64_t ostride) {
+  if constexpr (K > 0) {
+    if (nv == K) {
+      fwd_rows_fused<C, K>(q, ldq, d, kt, lp, bias, s, nr, lse_out, tok, ntok, oacc, ostride);
+    } else {
+      fwd_rows_fused_n<C, K - 1>(nv, q, ldq, d, kt, lp, bias, s, nr, lse_out, tok, ntok, oacc,
+                                 ostride);
+    }
+  }
+}
+
+template <class C, int K, class S>
+BM_INLINE void bwd_rows_fused_n(int64_t nv, const typename C::T* q, int64_t ldq, int64_t d,
+                                const typename C::T* kt, int64_t lp, const typename C::T* bias,
+                                typename C::T* s, typename C::T* ds, int64_t nr,
+                                const typename C::T* lse2, const int64_t* tok, int64_t ntok,
+                                const S* g, int64_t g_stride) {
+  if constexpr (K > 0) {
+    if (nv == K) {
+      bwd_rows_fused<C, K, S>(q, ldq, d, kt, lp, bias, s, ds, nr, lse2, tok, ntok, g, g_stride);
+    } else {
+      bwd_rows_fused_n<C, K - 1, S>(nv, q, ldq, d, kt, lp, bias, s, ds, nr, lse2, tok, ntok, g,
+                                    g_stride);
+    }
+  }
+}
+
+// dkt[:JT, :] += q[:rows, :JT]^T ds[:rows, :] for JT head-dim rows and NC
+// key-column vectors: a JT x NC accumulator tile stays in registers over all
+// the block's query rows (per row: NC loads, JT broadcasts, JT*NC FMAs), and
+// dK^T memory is touched once per block.
+template <class C, int JT, int NC>
+BM_INLINE void dkt_tile(const typename C::T* q, int64_t ldq, int64_t rows, const typename C::T* ds,
+                        int64_t lp, typename C::T* dkt) {
+  using T = typename C::T;
+  using V = typename C::V;
+  constexpr int W = C::W;
+  V acc[JT][NC];
+  for (int j = 0; j < JT; ++j)
+    for (int c = 0; c < NC; ++c) acc[j][c] = V{};
+  for (int64_t r = 0; r < rows; ++r) {
+    V dv[NC];
+    for (int c = 0; c < NC; ++c) dv[c] = vload<V>(ds + r * lp + c * W);
+    for (int j = 0; j < JT; ++j) {
+      const T a = q[r * ldq + j];
+      for (int c = 0; c < NC; ++c) acc[j][c] += a * dv[c];
+    }
+  }
+  for (int j = 0; j < JT; ++j) {
+    for (int c = 0; c < NC; ++c) {
+      vstore(dkt + j * lp + c * W, vload<V>(dkt + j * lp + c * W) + acc[j][c]);
+    }
+  }
+}
+
+// gq[r, :] = sum_{l < L} ds[r, l] kp[l, :] for ND head-dim vectors of type VV
+// (WW lanes; kp is scale * K packed [L, dp], gq row stride dp).
+template <class C, class VV, int WW, int ND>
+BM_INLINE void gq_tile(const typename C::T* ds, int64_t lp, int64_t L, const typename C::T* kp,
+                       int64_t dp, typename C::T* gq) {
+  using T = typename C::T;
+  constexpr int R = C::R;
+  VV acc[R][ND];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < ND; ++c) acc[r][c] = V{};
+    for (int c = 0; c < ND; ++c) acc[r][c] = VV{};
   for (int64_t l = 0; l < L; ++l) {
-    V kv[ND];
-    for (int c = 0; c < ND; ++c) kv[c] = vload<V>(kp + l * dp + c * W);
+    VV kv[ND];
+    for (int c = 0; c < ND; ++c) kv[c] = vload<VV>(kp + l * dp + c * WW);
     for (int r = 0; r < R; ++r) {
       const T a = ds[r * lp + l];
       for (int c = 0; c < ND; ++c) acc[r][c] += a * kv[c];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < ND; ++c) vstore(gq + r * dp + c * W, acc[r][c]);
+    for (int c = 0; c < ND; ++c) vstore(gq + r * dp + c * WW, acc[r][c]);
 }
 
 // Full rows: tiles of CT (or DT) vectors, then one narrower tile for the rest.
@@ -287,26 +398,48 @@ BM_INLINE void score_rows(const typename C::T* q, int64_t ldq, int64_t d, const 
   score_rest<C, CT - 1>(nv - v, q, ldq, d, kt + v * W, lp, bias + v * W, s + v * W, rmax);
 }
 
-template <class C, int K>
-BM_INLINE void dkt_rest(int64_t rest, const typename C::T* q, int64_t ldq, int64_t d,
+template <class C, int JT, int K>
+BM_INLINE void dkt_rest(int64_t rest, const typename C::T* q, int64_t ldq, int64_t rows,
                         const typename C::T* ds, int64_t lp, typename C::T* dkt) {
   if constexpr (K > 0) {
     if (rest == K) {
-      dkt_tile<C, K>(q, ldq, d, ds, lp, dkt);
+      dkt_tile<C, JT, K>(q, ldq, rows, ds, lp, dkt);
     } else {
-      dkt_rest<C, K - 1>(rest, q, ldq, d, ds, lp, dkt);
+      dkt_rest<C, JT, K - 1>(rest, q, ldq, rows, ds, lp, dkt);
     }
   }
 }
 
-template <class C>
-BM_INLINE void dkt_rows(const typename C::T* q, int64_t ldq, int64_t d, const typename C::T* ds,
+template <class C, int JT>
+BM_INLINE void dkt_cols(const typename C::T* q, int64_t ldq, int64_t rows, const typename C::T* ds,
                         int64_t lp, typename C::T* dkt) {
   constexpr int W = C::W, CT = C::CT;
   const int64_t nv = lp / W;
   int64_t v = 0;
-  for (; v + CT <= nv; v += CT) dkt_tile<C, CT>(q, ldq, d, ds + v * W, lp, dkt + v * W);
-  dkt_rest<C, CT - 1>(nv - v, q, ldq, d, ds + v * W, lp, dkt + v * W);
+  for (; v + CT <= nv; v += CT) dkt_tile<C, JT, CT>(q, ldq, rows, ds + v * W, lp, dkt + v * W);
+  dkt_rest<C, JT, CT - 1>(nv - v, q, ldq, rows, ds + v * W, lp, dkt + v * W);
+}
+
+template <class C, int JT>
+BM_INLINE void dkt_jrest(int64_t rest, const typename C::T* q, int64_t ldq, int64_t rows,
+                         const typename C::T* ds, int64_t lp, typename C::T* dkt) {
+  if constexpr (JT > 0) {
+    if (rest == JT) {
+      dkt_cols<C, JT>(q, ldq, rows, ds, lp, dkt);
+    } else {
+      dkt_jrest<C, JT - 1>(rest, q, ldq, rows, ds, lp, dkt);
+    }
+  }
+}
+
+// dkt[:d, :] += q[:rows, :d]^T ds[:rows, :], in tiles of R head-dim rows.
+template <class C>
+BM_INLINE void dkt_rows(const typename C::T* q, int64_t ldq, int64_t d, int64_t rows,
+                        const typename C::T* ds, int64_t lp, typename C::T* dkt) {
+  constexpr int JT = C::R;
+  int64_t j = 0;
+  for (; j + JT <= d; j += JT) dkt_cols<C, JT>(q + j, ldq, rows, ds, lp, dkt + j * lp);
+  dkt_jrest<C, JT - 1>(d - j, q + j, ldq, rows, ds, lp, dkt + j * lp);
 }
 
 template <class C, int K>
@@ -314,21 +447,27 @@ BM_INLINE void gq_rest(int64_t rest, const typename C::T* ds, int64_t lp, int64_
                        const typename C::T* kp, int64_t dp, typename C::T* gq) {
   if constexpr (K > 0) {
     if (rest == K) {
-      gq_tile<C, K>(ds, lp, L, kp, dp, gq);
+      gq_tile<C, typename C::V, C::W, K>(ds, lp, L, kp, dp, gq);
     } else {
       gq_rest<C, K - 1>(rest, ds, lp, L, kp, dp, gq);
     }
   }
 }
 
+// dp is d rounded up to half a vector: a head dim of 2.5 vectors (d = 40 with
+// 16 lanes) ends with one half-width vector instead of a padded full one.
 template <class C>
 BM_INLINE void gq_rows(const typename C::T* ds, int64_t lp, int64_t L, const typename C::T* kp,
                        int64_t dp, typename C::T* gq) {
-  constexpr int W = C::W, DT = C::DT;
+  using T = typename C::T;
+  using V = typename C::V;
+  constexpr int W = C::W, DT = C::DT, WH = W / 2;
+  using VH = typename VecOf<T, WH>::type;
   const int64_t nv = dp / W;
   int64_t v = 0;
-  for (; v + DT <= nv; v += DT) gq_tile<C, DT>(ds, lp, L, kp + v * W, dp, gq + v * W);
+  for (; v + DT <= nv; v += DT) gq_tile<C, V, W, DT>(ds, lp, L, kp + v * W, dp, gq + v * W);
   gq_rest<C, DT - 1>(nv - v, ds, lp, L, kp + v * W, dp, gq + v * W);
+  if (dp % W != 0) gq_tile<C, VH, WH, 1>(ds, lp, L, kp + nv * W, dp, gq + nv * W);
 }
 
 // ---------------------------------------------------------------------------
@@ -353,6 +492,7 @@ struct Problem {
   S* grad_q;
   T* dk_partial;  // [B, H, chunks, L, d]
   int64_t chunks;
+  bool need_dk;
 };
 
 // Points qp at R rows of head h starting at row n (directly into q when the
@@ -398,6 +538,21 @@ BM_INLINE void fwd_task(const Problem<S, typename C::T>& p, int64_t b, int64_t n
       const int64_t nr = std::min<int64_t>(R, n1 - n);
       int64_t ldq = 0;
       const T* qp = q_rows<C>(p, b, h, n, nr, qbuf, &ldq);
+      // This head's slice of each query row is a few cache lines 1-2.5 KB
+      // apart, a stream the hardware prefetchers follow poorly: ask for the
+      // rows 8 tiles ahead (6-12% of the forward at N=4096, d=40).
+      for (int64_t r = n + 8 * R; r < std::min(n1, n + 9 * R); ++r) {
+        const char* src = reinterpret_cast<const char*>(p.q + (b * p.N + r) * p.hd + h * p.d);
+        for (int64_t off = 0; off < p.d * static_cast<int64_t>(sizeof(S)); off += 64) {
+          __builtin_prefetch(src + off);
+        }
+        __builtin_prefetch(src + p.d * sizeof(S) - 1);
+      }
+      if (nv <= C::CT) {
+        fwd_rows_fused_n<C, C::CT>(nv, qp, ldq, p.d, kt, lp, bias, s, nr, lse_row + n, p.tok,
+                                   p.ntok, oacc + (n - n0), rows);
+        continue;
+      }
       V rmax[R];
       for (int r = 0; r < R; ++r) rmax[r] = vbroadcast<V>(-std::numeric_limits<T>::infinity());
       score_rows<C>(qp, ldq, p.d, kt, lp, bias, s, rmax);
@@ -406,12 +561,14 @@ BM_INLINE void fwd_task(const Problem<S, typename C::T>& p, int64_t b, int64_t n
         const T m = hmax<T, W>(rmax[r]);
         V sv = V{};
         for (int64_t v = 0; v < nv; ++v) {
-          const V e = VExp<T, W>::apply(vload<V>(sr + v * W) - m);
+          const V e = VExp2<T, W>::apply(vload<V>(sr + v * W) - m);
           vstore(sr + v * W, e);
           sv += e;
         }
         const T sum = hsum<T, W>(sv);
-        lse_row[n + r] = m + std::log(sum);
+        // Back to natural-log units, rounded once.
+        lse_row[n + r] =
+            static_cast<T>((static_cast<double>(m) + std::log2(static_cast<double>(sum))) * kLn2);
         const T inv = T(1) / sum;
         for (int64_t t = 0; t < p.ntok; ++t) oacc[t * rows + (n - n0 + r)] += sr[p.tok[t]] * inv;
       }
@@ -423,8 +580,14 @@ BM_INLINE void fwd_task(const Problem<S, typename C::T>& p, int64_t b, int64_t n
   }
 }
 
-// grad_k sums over query rows in blocks of this many rows (a multiple of every R).
-constexpr int64_t kDkBlockRows = 64;
+// The backward walks its rows in blocks of this many (a multiple of every R):
+// scores and ds for the block (reading packed K^T), then grad_q (packed K),
+// then grad_k (dK^T), so each phase streams one matrix instead of cycling all
+// three through L1 every R rows. grad_k is summed in three levels (a register
+// tile over a block, kBwdFlushBlocks blocks, the chunk), which keeps its float
+// error ~ (32 + 16 + N/512) eps where one running sum would give ~N eps.
+constexpr int64_t kBwdBlockRows = 32;
+constexpr int64_t kBwdFlushBlocks = 16;
 
 // Backward for query rows of chunk c of batch b, head h: writes grad_q for
 // those rows and head, and this task's grad_k partial sum.
@@ -433,54 +596,78 @@ BM_INLINE void bwd_task(const Problem<S, typename C::T>& p, int64_t b, int64_t h
   using T = typename C::T;
   using V = typename C::V;
   constexpr int W = C::W, R = C::R;
+  constexpr int64_t RB = kBwdBlockRows;
+  static_assert(RB % R == 0, "block rows must be a multiple of the tile rows");
   const int64_t lp = p.lp, dp = p.dp, d = p.d, L = p.L, nv = lp / W;
   const int64_t n0 = c * p.chunk, n1 = std::min(p.N, n0 + p.chunk);
-  std::vector<T> buf(2 * R * lp + R * d + R * dp + 2 * d * lp, T(0));
-  T* s = buf.data();
-  T* ds = s + R * lp;
-  T* qbuf = ds + R * lp;
-  T* gq = qbuf + R * d;
-  T* dkt = gq + R * dp;       // this block of kDkBlockRows rows
-  T* dkt_sum = dkt + d * lp;  // the whole chunk: blocked sums keep grad_k's error ~ (64 + N/64) eps
+  std::vector<T> buf(R * lp + RB * lp + RB * d + R * dp + 2 * d * lp, T(0));
+  T* s = buf.data();     // [R, lp] one tile's scores, then probabilities
+  T* ds = s + R * lp;    // [RB, lp] the block's dL/dscores
+  T* qb = ds + RB * lp;  // [RB, d] the block's queries of head h, zero-padded
+  T* gq = qb + RB * d;   // [R, dp]
+  T* dkt = gq + R * dp;       // [d, lp] grad_k^T (unscaled) of up to kBwdFlushBlocks blocks
+  T* dkt_sum = dkt + d * lp;  // [d, lp] ... of the whole chunk
   const T* bias = p.bias + (p.mask_batched ? b : 0) * lp;
   const int64_t bk = p.k_batched ? b : 0;
   const T* kt = p.kt + (bk * p.H + h) * d * lp;
   const T* kp = p.kp + (bk * p.H + h) * L * dp;
   const T* lse_row = p.lse + (b * p.H + h) * p.N;
   const S* g = p.gout + b * p.ntok * p.N;
-  for (int64_t n = n0; n < n1; n += R) {
-    const int64_t nr = std::min<int64_t>(R, n1 - n);
-    int64_t ldq = 0;
-    const T* qp = q_rows<C>(p, b, h, n, nr, qbuf, &ldq);
-    score_rows<C>(qp, ldq, d, kt, lp, bias, s, nullptr);
-    for (int64_t r = 0; r < R; ++r) {
-      T* pr = s + r * lp;
-      T* dr = ds + r * lp;
-      if (r >= nr) {
-        std::fill(dr, dr + lp, T(0));
+  for (int64_t n = n0; n < n1; n += RB) {
+    const int64_t nb = std::min(RB, n1 - n);
+    const int64_t nbp = as::round_up(nb, R);
+    for (int64_t r = 0; r < nbp; ++r) {
+      const S* src = p.q + (b * p.N + n + r) * p.hd + h * d;
+      for (int64_t j = 0; j < d; ++j) qb[r * d + j] = r < nb ? static_cast<T>(src[j]) : T(0);
+    }
+    for (int64_t r0 = 0; r0 < nbp; r0 += R) {
+      if (nv <= C::CT) {
+        T lse2[R];
+        for (int r = 0; r < R; ++r) {
+          lse2[r] = r0 + r < nb
+                        ? static_cast<T>(static_cast<double>(lse_row[n + r0 + r]) * kLog2e)
+                        : T(0);
+        }
+        bwd_rows_fused_n<C, C::CT, S>(nv, qb + r0 * d, d, d, kt, lp, bias, s, ds + r0 * lp,
+                                      std::min<int64_t>(R, nb - r0), lse2, p.tok, p.ntok,
+                                      g + n + r0, p.N);
         continue;
       }
-      const T lse = lse_row[n + r];
-      for (int64_t v = 0; v < nv; ++v) {
-        vstore(pr + v * W, VExp<T, W>::apply(vload<V>(pr + v * W) - lse));
+      score_rows<C>(qb + r0 * d, d, d, kt, lp, bias, s, nullptr);
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t row = r0 + r;
+        T* pr = s + r * lp;
+        T* dr = ds + row * lp;
+        if (row >= nb) {
+          std::fill(dr, dr + lp, T(0));
+          continue;
+        }
+        const T lse2 = static_cast<T>(static_cast<double>(lse_row[n + row]) * kLog2e);
+        for (int64_t v = 0; v < nv; ++v) {
+          vstore(pr + v * W, VExp2<T, W>::apply(vload<V>(pr + v * W) - lse2));
+        }
+        const T delta = as::row_delta(pr, p.tok, p.ntok, g + n + row, p.N);
+        for (int64_t v = 0; v < nv; ++v) vstore(dr + v * W, vload<V>(pr + v * W) * -delta);
+        as::row_add_token_grads(dr, pr, p.tok, p.ntok, g + n + row, p.N);
       }
-      const T delta = as::row_delta(pr, p.tok, p.ntok, g + n + r, p.N);
-      for (int64_t v = 0; v < nv; ++v) vstore(dr + v * W, vload<V>(pr + v * W) * -delta);
-      as::row_add_token_grads(dr, pr, p.tok, p.ntok, g + n + r, p.N);
     }
-    gq_rows<C>(ds, lp, L, kp, dp, gq);
-    for (int64_t r = 0; r < nr; ++r) {
-      S* dst = p.grad_q + (b * p.N + n + r) * p.hd + h * d;
-      for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<S>(gq[r * dp + j]);
+    for (int64_t r0 = 0; r0 < nbp; r0 += R) {
+      gq_rows<C>(ds + r0 * lp, lp, L, kp, dp, gq);
+      for (int64_t r = 0; r < R && r0 + r < nb; ++r) {
+        S* dst = p.grad_q + (b * p.N + n + r0 + r) * p.hd + h * d;
+        for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<S>(gq[r * dp + j]);
+      }
     }
-    dkt_rows<C>(qp, ldq, d, ds, lp, dkt);
-    if (n + R >= n1 || (n + R - n0) % kDkBlockRows == 0) {
+    if (!p.need_dk) continue;
+    dkt_rows<C>(qb, d, d, nb, ds, lp, dkt);
+    if (n + RB >= n1 || ((n - n0) / RB + 1) % kBwdFlushBlocks == 0) {
       for (int64_t i = 0; i < d * lp; i += W) {
         vstore(dkt_sum + i, vload<V>(dkt_sum + i) + vload<V>(dkt + i));
         vstore(dkt + i, V{});
       }
     }
   }
+  if (!p.need_dk) return;
   T* part = p.dk_partial + ((b * p.H + h) * p.chunks + c) * L * d;
   for (int64_t l = 0; l < L; ++l)
     for (int64_t j = 0; j < d; ++j) part[l * d + j] = dkt_sum[j * lp + l];
@@ -669,9 +856,12 @@ std::vector<T> make_bias(const char* op, const std::optional<at::Tensor>& key_ma
   return bias;
 }
 
-// scale * K packed per (key batch, head) as K^T [d, lp] and, if kp, K [L, dp].
+// Keys packed per (key batch, head): kt = scale * log2(e) * K^T [d, lp] for the
+// scores (in log2 units) and, if kp, kp = scale * K [L, dp] for grad_q. Each
+// value is rounded once from double.
 template <class S, class T>
-void pack_keys(const S* k, const Dims& s, int64_t lp, int64_t dp, T scale, T* kt, T* kp) {
+void pack_keys(const S* k, const Dims& s, int64_t lp, int64_t dp, double scale, T* kt, T* kp) {
+  const double score_scale = scale * kLog2e;
   for (int64_t bk = 0; bk < s.Bk; ++bk) {
     for (int64_t h = 0; h < s.H; ++h) {
       T* ktb = kt + (bk * s.H + h) * s.d * lp;
@@ -679,9 +869,9 @@ void pack_keys(const S* k, const Dims& s, int64_t lp, int64_t dp, T scale, T* kt
       for (int64_t l = 0; l < s.L; ++l) {
         const S* src = k + (bk * s.L + l) * s.hd + h * s.d;
         for (int64_t j = 0; j < s.d; ++j) {
-          const T v = scale * static_cast<T>(src[j]);
-          ktb[j * lp + l] = v;
-          if (kpb) kpb[l * dp + j] = v;
+          const double v = static_cast<double>(static_cast<T>(src[j]));
+          ktb[j * lp + l] = static_cast<T>(score_scale * v);
+          if (kpb) kpb[l * dp + j] = static_cast<T>(scale * v);
         }
       }
     }
@@ -720,7 +910,7 @@ std::tuple<at::Tensor, at::Tensor> attention_slice_fwd(const at::Tensor& q_in,
     // Scratch goes through ATen's allocator so memory profilers see it.
     const auto acc_opts = q.options().dtype(acc_dtype);
     at::Tensor kt = at::zeros({s.Bk * s.H * s.d * lp}, acc_opts);
-    pack_keys<S, T>(k.data_ptr<S>(), s, lp, 0, static_cast<T>(scale), kt.data_ptr<T>(), nullptr);
+    pack_keys<S, T>(k.data_ptr<S>(), s, lp, 0, scale, kt.data_ptr<T>(), nullptr);
 
     Problem<S, T> p{};
     p.q = q.data_ptr<S>();
@@ -748,10 +938,14 @@ std::tuple<at::Tensor, at::Tensor> attention_slice_fwd(const at::Tensor& q_in,
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_slice_bwd(
+// need_grad_k = false skips grad_k's third of the backward (returning zeros)
+// for callers whose keys need no gradient, such as guidance through the
+// queries only. The op schema has no such flag yet, so the registered op
+// below always computes both.
+std::tuple<at::Tensor, at::Tensor> attention_slice_bwd_impl(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& token_index_in, int64_t num_heads, double scale,
-    const std::optional<at::Tensor>& key_mask, const at::Tensor& lse_in) {
+    const std::optional<at::Tensor>& key_mask, const at::Tensor& lse_in, bool need_grad_k) {
   constexpr const char* op = "attention_slice_bwd";
   const Dims s = check_inputs(op, q_in, k_in, token_index_in, num_heads, key_mask);
   const auto acc_dtype = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -781,7 +975,7 @@ std::tuple<at::Tensor, at::Tensor> attention_slice_bwd(
     using T = at::opmath_type<S>;
     const int64_t W = vector_width(isa, std::is_same_v<T, double>);
     const int64_t lp = as::round_up(s.L, W);
-    const int64_t dp = as::round_up(s.d, W);
+    const int64_t dp = as::round_up(s.d, W / 2);
     const std::vector<T> bias = make_bias<T>(op, key_mask, s.Bm, s.L, lp);
     if (s.B == 0 || s.N == 0) {
       grad_q.zero_();
@@ -792,7 +986,7 @@ std::tuple<at::Tensor, at::Tensor> attention_slice_bwd(
     const auto acc_opts = q.options().dtype(acc_dtype);
     at::Tensor kt = at::zeros({s.Bk * s.H * s.d * lp}, acc_opts);
     at::Tensor kp = at::zeros({s.Bk * s.H * s.L * dp}, acc_opts);
-    pack_keys<S, T>(k.data_ptr<S>(), s, lp, dp, static_cast<T>(scale), kt.data_ptr<T>(),
+    pack_keys<S, T>(k.data_ptr<S>(), s, lp, dp, scale, kt.data_ptr<T>(),
                     kp.data_ptr<T>());
 
     Problem<S, T> p{};
@@ -807,13 +1001,14 @@ std::tuple<at::Tensor, at::Tensor> attention_slice_bwd(
     p.gout = gout.data_ptr<S>();
     p.lse = lse.data_ptr<T>();
     p.grad_q = grad_q.data_ptr<S>();
+    p.need_dk = need_grad_k;
     // Tasks are (b, h, row chunk); enough chunks for >= 16 tasks, each >= 128
     // rows. The split depends only on the shapes, so grad_k is reproducible.
     const int64_t bh = s.B * s.H;
     p.chunks = std::clamp<int64_t>((16 + bh - 1) / bh, 1, std::max<int64_t>(1, s.N / 128));
     p.chunk = as::round_up((s.N + p.chunks - 1) / p.chunks, 8);
     p.chunks = (s.N + p.chunk - 1) / p.chunk;
-    at::Tensor partial_t = at::empty({bh * p.chunks * s.L * s.d}, acc_opts);
+    at::Tensor partial_t = at::empty({need_grad_k ? bh * p.chunks * s.L * s.d : 0}, acc_opts);
     const T* partial = partial_t.data_ptr<T>();
     p.dk_partial = partial_t.data_ptr<T>();
     const int64_t tasks = bh * p.chunks;
@@ -824,6 +1019,10 @@ std::tuple<at::Tensor, at::Tensor> attention_slice_bwd(
         run_bwd_task<S, T>(isa, p, bh_i / s.H, bh_i % s.H, c);
       }
     });
+    if (!need_grad_k) {
+      grad_k.zero_();
+      return;
+    }
     // grad_k[bk, l, h*d + j] = scale * sum over (b of bk's group, chunk), in order.
     S* gk = grad_k.data_ptr<S>();
     const int64_t group = s.Bk == 1 ? s.B : 1;
@@ -845,6 +1044,14 @@ std::tuple<at::Tensor, at::Tensor> attention_slice_bwd(
     }
   });
   return {grad_q, grad_k};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_slice_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& token_index, int64_t num_heads, double scale,
+    const std::optional<at::Tensor>& key_mask, const at::Tensor& lse) {
+  return attention_slice_bwd_impl(grad_out, q, k, token_index, num_heads, scale, key_mask, lse,
+                                  /*need_grad_k=*/true);
 }
 
 }  // namespace
