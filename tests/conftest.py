@@ -21,10 +21,16 @@ def runnable_backends(op: str, device: str = "cpu") -> list[str]:
     ]
 
 
-def backend_params(op: str) -> list:
-    """pytest params over every backend; unavailable ones are skipped with their reason."""
+def backend_params(op: str, *, cpu_tensors: bool = False) -> list:
+    """pytest params over every backend; unavailable ones are skipped with their reason.
+
+    cpu_tensors: the tests build CPU tensors only, so device backends are left out
+    (tests/test_cuda_ops.py covers them on a GPU).
+    """
     params = []
     for name, backend in backends.BACKENDS.items():
+        if cpu_tensors and name == "cuda":
+            continue
         device = "cuda" if name == "cuda" else "cpu"
         reason = backend.unsupported(op, torch.device(device), torch.float32)
         marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []

@@ -43,6 +43,7 @@ def attention_slice(
     scale: float | None = None,
     key_mask: torch.Tensor | None = None,
     backend: str = "auto",
+    validate: bool = True,
 ) -> torch.Tensor:
     """Concept columns of cross-attention, summed over heads, without the full attention matrix.
 
@@ -50,8 +51,11 @@ def attention_slice(
     positions; key_mask: bool [B or 1, L], True where a key takes part in the softmax
     (None: all keys). Returns [B, T, N] = sum_h softmax_l(q_h k_h^T * scale)[..., token_index],
     scale defaulting to d**-0.5. Differentiable in q and k.
+    validate=False skips the checks that read data back to the host (token_index range,
+    empty key_mask rows, NaN), which stall a GPU once per call; callers that call it per
+    layer per step with inputs they checked once (the attention processors) turn it off.
     """
-    _checks.attention_slice_args(q, k, token_index, num_heads, scale, key_mask)
+    _checks.attention_slice_args(q, k, token_index, num_heads, scale, key_mask, validate)
     if scale is None:
         scale = (q.shape[-1] // num_heads) ** -0.5
     name = select("attention_slice", backend, q.device, q.dtype)

@@ -72,7 +72,9 @@ def integer(name: str, value: object, low: int, high: int) -> int:
     return value
 
 
-def attention_slice_args(q, k, token_index, num_heads, scale, key_mask) -> None:
+def attention_slice_args(q, k, token_index, num_heads, scale, key_mask, values=True) -> None:
+    """Shape/dtype checks, and with `values` the checks that read tensor data back to the
+    host (index range, empty mask rows, NaN): each of those is a device sync on a GPU."""
     tensor("q", q, 3)
     tensor("k", k, 3)
     same_device_dtype("q", q, "k", k)
@@ -97,6 +99,12 @@ def attention_slice_args(q, k, token_index, num_heads, scale, key_mask) -> None:
         raise TypeError(f"token_index must have dtype torch.long, got {token_index.dtype}")
     if token_index.numel() == 0:
         raise ValueError("token_index is empty; give at least one key position")
+    if key_mask is not None and (
+        not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool
+    ):
+        raise TypeError("key_mask must be a bool tensor [B or 1, L] (True = key is kept)")
+    if not values:
+        return
     low, high = int(token_index.min()), int(token_index.max())
     if low < 0 or high >= num_keys:
         raise ValueError(

@@ -1,0 +1,75 @@
+"""The mitigation methods compared in the paper (Tables 1-3), as generation settings.
+
+A method is a base (sd, fd, hard, negative) optionally combined with BiasMap's energy
+guidance ("+biasmap"); "biasmap" alone is sd + guidance, and "biasmap@down-64+up-64"
+restricts the guidance to those blocks (Table 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .fair_diffusion import FairDiffusion
+
+PROMPT = "A photo of the face of a {profession}"
+HARD_PROMPT = "A photo of the face of a diverse {profession}"
+# Negative prompting suppresses the demographic groups themselves (paper Table 3).
+NEGATIVE_PROMPTS = {"gender": "male, female", "race": "white, black, hispanic, asian"}
+BASES = ("sd", "fd", "hard", "negative")
+METHODS = (
+    "sd",
+    "biasmap",
+    "fd",
+    "fd+biasmap",
+    "hard",
+    "hard+biasmap",
+    "negative",
+    "negative+biasmap",
+    "biasmap@down-64+up-64",
+)
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """What to generate for one (method, profession, axis, seed)."""
+
+    method: str
+    prompt: str
+    attribution_prompt: str
+    concepts: tuple[str, str]  # (demographic a, semantic b)
+    guided: bool
+    blocks: str | tuple[str, ...]
+    negative_prompt: str | None
+    editing_prompt: FairDiffusion | None
+
+
+def plan(method: str, profession: str, axis: str, seed: int) -> MethodPlan:
+    """Generation settings of `method` for a profession, a demographic axis and a seed.
+
+    method: one of METHODS. The attribution prompt appends " and {axis}" to the generation
+    prompt, so the axis word is the demographic concept and the profession the semantic one.
+    """
+    base, _, extra = method.partition("+")
+    blocks: str | tuple[str, ...] = "default"
+    if "@" in method:
+        name, _, block_list = method.partition("@")
+        if name != "biasmap" or not block_list:
+            raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
+        base, extra, blocks = "sd", "biasmap", tuple(block_list.split("+"))
+    elif base == "biasmap" and not extra:
+        base, extra = "sd", "biasmap"
+    if base not in BASES or extra not in ("", "biasmap"):
+        raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
+    if axis not in NEGATIVE_PROMPTS:
+        raise ValueError(f"unknown axis {axis!r}; known: {list(NEGATIVE_PROMPTS)}")
+    prompt = (HARD_PROMPT if base == "hard" else PROMPT).format(profession=profession)
+    return MethodPlan(
+        method=method,
+        prompt=prompt,
+        attribution_prompt=f"{prompt} and {axis}",
+        concepts=(axis, profession),
+        guided=extra == "biasmap",
+        blocks=blocks,
+        negative_prompt=NEGATIVE_PROMPTS[axis] if base == "negative" else None,
+        editing_prompt=FairDiffusion.for_seed(axis, seed) if base == "fd" else None,
+    )

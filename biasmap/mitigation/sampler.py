@@ -1,0 +1,502 @@
+"""Energy-guided sampling (paper Algorithm 1) as a slim loop over a diffusers pipeline's parts.
+
+    out = biasmap.guided_generate(pipe, "A photo of the face of a firefighter",
+                                  "A photo of the face of a firefighter and gender",
+                                  ["gender", "firefighter"], lambda_=100.0)
+    out.images, out.energies [steps, B], out.grad_norms [steps, B]
+    out.maps.iou("gender", "firefighter")  # [B], from the guided run's own maps
+
+Each guided step runs the UNet once over the CFG batch, split in two calls: the
+rows that need no gradient (the other CFG half and any Fair Diffusion edit prompts)
+under no_grad, and the chosen half with autograd from z_t through its queries. The
+capture processors of `biasmap.trace` turn that half's cross-attention into this
+step's concept maps; E = SoftIoU(SoftTopK(M_a), SoftTopK(M_b)) is differentiated
+back to z_t, and eps_final = eps_cfg + lambda * sqrt(1 - alphabar_t) * dE/dz_t goes to
+the scheduler. Steps without guidance run the batched forward exactly as diffusers'
+StableDiffusionPipeline does, so lambda_=0 reproduces its images bit for bit. The maps
+of every step are also summed into the run's AttributionMaps, so the final IoU needs
+no second generation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+from ..discovery.maps import AttributionMaps
+from ..discovery.trace import Trace, _selected_steps
+from .fair_diffusion import FairDiffusion, SemanticGuidance
+from .presets import PRESETS, GuidanceSettings
+
+
+@dataclass
+class GuidedOutput:
+    """Result of `guided_generate`.
+
+    images: PIL images (or the `output_type` diffusers gives); energies: [steps, B]
+    float32 SoftIoU of each step's maps; grad_norms: [steps, B] ||dE/dz_t||_2 (0 on
+    unguided steps); applied: bool [steps, B], whether guidance was added; maps:
+    AttributionMaps summed over all steps of the chosen half (None if
+    return_maps=False); settings: the resolved GuidanceSettings.
+    """
+
+    images: list
+    energies: torch.Tensor
+    grad_norms: torch.Tensor
+    applied: torch.Tensor
+    maps: AttributionMaps | None
+    settings: GuidanceSettings
+    concepts: tuple[str, str]
+    q: float
+
+    def iou(self) -> torch.Tensor:
+        """Final IoU [B] of the two concepts' q-masks, with the preset's mask comparison."""
+        return self._maps().iou(*self.concepts, self.q, inclusive=self.settings.inclusive_masks)
+
+    def biou(self) -> dict[str, torch.Tensor]:
+        """Final block IoU {block: [B], "mean": [B]} with the preset's mask comparison."""
+        return self._maps().biou(*self.concepts, self.q, inclusive=self.settings.inclusive_masks)
+
+    def _maps(self) -> AttributionMaps:
+        if self.maps is None:
+            raise ValueError("this run was made with return_maps=False, so it has no maps")
+        return self.maps
+
+
+def alphabar(scheduler, timestep) -> float:
+    """alphabar_t = scheduler.alphas_cumprod[t], linearly interpolated for fractional t.
+
+    Works for every diffusers scheduler built on a DDPM beta schedule (DDIM, PNDM,
+    Euler, DPM-Solver, ...); others raise a ValueError.
+    """
+    table = getattr(scheduler, "alphas_cumprod", None)
+    if table is None:
+        raise ValueError(
+            f"{type(scheduler).__name__} has no alphas_cumprod, which energy guidance needs for "
+            "its sqrt(1 - alphabar_t) scale; use a DDPM-family scheduler (DDIM, PNDM, Euler, "
+            "DPM-Solver, ...)"
+        )
+    t = float(timestep)
+    low = min(max(int(math.floor(t)), 0), len(table) - 1)
+    high = min(low + 1, len(table) - 1)
+    frac = t - low
+    return float(table[low]) * (1 - frac) + float(table[high]) * frac
+
+
+class _StepCapture(Trace):
+    """Trace processors driven by the sampler: it sets the rows and the mode of every UNet call."""
+
+    def _on_unet_call(self, module, args, kwargs) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        if self._batch_shape != tuple(sample.shape[-2:]):
+            self._configure_blocks(*sample.shape[-2:])
+            self._batch_shape = tuple(sample.shape[-2:])
+
+    def begin(self, num_steps: int, latent_size: tuple[int, int]) -> None:
+        """Start a generation of num_steps UNet steps on latents of latent_size (h, w)."""
+        self._configure_blocks(*latent_size)
+        self._batch_shape = tuple(latent_size)
+        state = self._state
+        state.keep_step = True
+        state.sums, state.layer_calls, state.step_sums = {}, {}, {}
+        self._num_steps, self._selected = num_steps, set(range(num_steps))
+        self._steps_captured = num_steps
+
+    def call_unet(self, unet, sample, timestep, embeds, *, rows, capture, differentiable=False):
+        """One UNet call; `rows` of its batch are the chosen half's images when `capture`."""
+        state = self._state
+        state.capturing, state.rows, state.differentiable = capture, rows, differentiable
+        grad_mode = torch.is_grad_enabled()
+        try:
+            return unet(sample, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+        finally:
+            # The block-targeting cutoff may have switched grad off inside the call.
+            torch.set_grad_enabled(grad_mode)
+            state.capturing, state.differentiable = False, False
+
+    def set_cutoff(self) -> None:
+        """Mark the last captured layer in forward order: later layers need no graph."""
+        captured = [p for p in self._processors if p.block_key in self._state.capture_blocks]
+        order = [info.key for info in self._blocks]
+        captured.sort(key=lambda p: order.index(p.block_key))  # stable: layer order kept
+        self._state.grad_cutoff = captured[-1] if captured else None
+
+    def energy_and_grad(
+        self, unet, scheduler, latents, timestep, embeds, settings, q, cut_graph=True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(E [B], dE/dz_t, this half's eps) with autograd from z_t through its queries."""
+        z = latents.detach().requires_grad_(True)
+        with torch.enable_grad():
+            if cut_graph:
+                self.set_cutoff()
+            sample = scheduler.scale_model_input(z, timestep)
+            eps = self.call_unet(
+                unet, sample, timestep, embeds, rows=slice(None), capture=True, differentiable=True
+            )
+            energy = _energy(self.take_step_maps(), 0, 1, self.map_side(), settings, q)
+            (grad,) = torch.autograd.grad(energy.sum(), z)
+        return energy.detach(), grad, eps.detach()
+
+    def map_side(self) -> tuple[int, int]:
+        """The guidance maps' size: map_size, else the largest captured block's resolution."""
+        if self.map_size is not None:
+            return self.map_size
+        sizes = [self._state.block_sizes[key] for key in self._names]
+        return max(sizes, key=lambda hw: hw[0] * hw[1])
+
+    def take_step_maps(self) -> dict[str, torch.Tensor]:
+        """This step's block sums {name: [B, C, h, w]} (graph kept if differentiable)."""
+        state = self._state
+        maps = {self._names[key]: value for key, value in state.step_sums.items()}
+        state.step_sums = {}
+        return maps
+
+
+def _energy(
+    step_maps: dict[str, torch.Tensor], a: int, b: int, size, settings: GuidanceSettings, q: float
+) -> torch.Tensor:
+    """E [B] = SoftIoU(SoftTopK(M_a), SoftTopK(M_b)) of one step's block maps."""
+    names = list(step_maps)
+    maps = ops.resize_aggregate([step_maps[n] for n in names], size)  # [B, C, S_h, S_w]
+    batch, _, height, width = maps.shape
+    pair = torch.cat([maps[:, a], maps[:, b]])  # [2B, S_h, S_w]
+    if settings.topk_scope == "row":
+        rows = pair.reshape(2 * batch * height, width)
+        k = ops.topk_count(width, q)
+    else:
+        rows = pair.reshape(2 * batch, height * width)
+        k = ops.topk_count(height * width, q)
+    masks = ops.soft_topk(
+        rows,
+        k,
+        settings.tau,
+        solver=settings.solver,
+        iters=settings.iters,
+        normalize=settings.normalize,
+    ).reshape(2 * batch, height * width)
+    return ops.soft_iou(masks[:batch], masks[batch:], settings.eps)
+
+
+def _check_arguments(pipe, lambda_, attribution_prompt, q, preset) -> None:
+    if isinstance(lambda_, bool) or not isinstance(lambda_, int | float) or not lambda_ >= 0:
+        raise ValueError(f"lambda_ must be a number >= 0 (0 turns guidance off), got {lambda_!r}")
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"q must be a quantile in (0, 1), got {q!r}")
+    if not isinstance(preset, GuidanceSettings) and preset not in PRESETS:
+        raise ValueError(
+            f"preset must be one of {list(PRESETS)} or a GuidanceSettings, got {preset!r}"
+        )
+    for component in ("unet", "vae", "scheduler", "encode_prompt", "prepare_latents"):
+        if not hasattr(pipe, component):
+            raise TypeError(
+                f"guided_generate needs a diffusers StableDiffusionPipeline (SD1.x/2.x); "
+                f"{type(pipe).__name__} has no {component!r}"
+            )
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise NotImplementedError(
+            "guided_generate supports SD1.x/2.x pipelines; SDXL's added conditioning is not "
+            "wired into the guided loop yet (biasmap.trace works with SDXL)"
+        )
+    alphabar(pipe.scheduler, 0)
+    limit = pipe.tokenizer.model_max_length
+    length = len(pipe.tokenizer(attribution_prompt).input_ids)
+    if length > limit:
+        raise ValueError(
+            f"the attribution prompt has {length} tokens, more than the text encoder's "
+            f"{limit}; shorten it (it is P plus ' and <concept>')"
+        )
+
+
+def guided_generate(
+    pipe,
+    prompt: str | Sequence[str],
+    attribution_prompt: str,
+    concepts: Sequence[str],
+    *,
+    lambda_: float = 100.0,
+    q: float = 0.7,
+    tau: float | None = None,
+    solver: str | None = None,
+    normalize: str | None = None,
+    cfg_half: str | None = None,
+    blocks: str | Sequence[str] = "default",
+    guidance_scale: float | None = None,
+    num_inference_steps: int = 50,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    latents: torch.Tensor | None = None,
+    negative_prompt: str | Sequence[str] | None = None,
+    editing_prompt: Sequence[str] | FairDiffusion | None = None,
+    guidance_steps=None,
+    preset: str | GuidanceSettings = "paper",
+    map_size: int | tuple[int, int] | None = None,
+    return_maps: bool = True,
+    num_images_per_prompt: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    topk_scope: str | None = None,
+    output_type: str = "pil",
+) -> GuidedOutput:
+    """Generate with BiasMap's energy guidance (Algorithm 1) and record the run's maps.
+
+    pipe: a diffusers StableDiffusionPipeline (SD1.x/2.x), any DDPM-family scheduler.
+    prompt: P (one string or a list: B = len * num_images_per_prompt images).
+    attribution_prompt: P', e.g. "A photo of the face of a firefighter and gender".
+    concepts: (a, b): the demographic concept a and the semantic concept b of P'.
+    lambda_: energy guidance strength (0: plain sampling, bit-identical to diffusers).
+    q: quantile of the hard masks; the soft top-k keeps k = floor((1 - q) n).
+    tau, solver, normalize, cfg_half, guidance_scale, topk_scope: override the preset
+    ("paper" or "official", see biasmap.mitigation.PRESETS); None keeps the preset's.
+    blocks: "default" (all but mid), "all", or names like ["down-64", "up-64"]: the maps
+    and the energy use only these blocks, and the backward stops at the last of them.
+    guidance_steps: steps that get guidance: None (all), a fraction f (the first f of
+    the steps), a (start, stop) pair of fractions, a slice, a range or step indices.
+    negative_prompt: as diffusers. editing_prompt: Fair Diffusion edit prompts (a list
+    or a FairDiffusion with its SEGA settings).
+    map_size: side of the guidance maps (default: the largest attention resolution).
+    Returns GuidedOutput: images, energies [steps, B], grad_norms [steps, B], maps.
+    """
+    _check_arguments(pipe, lambda_, attribution_prompt, q, preset)
+    settings = _resolve_settings(
+        preset,
+        tau=tau,
+        solver=solver,
+        normalize=normalize,
+        cfg_half=cfg_half,
+        guidance_scale=guidance_scale,
+        topk_scope=topk_scope,
+    )
+    fair = FairDiffusion.coerce(editing_prompt)
+    unet, scheduler = pipe.unet, pipe.scheduler
+    device = pipe._execution_device
+    use_cfg = settings.guidance_scale > 1.0
+    if settings.cfg_half == "uncond" and not use_cfg:
+        raise ValueError(
+            "cfg_half='uncond' needs classifier-free guidance (guidance_scale > 1); there is no "
+            "unconditional half at guidance_scale <= 1"
+        )
+    if fair is not None and not use_cfg:
+        raise ValueError("Fair Diffusion (editing_prompt) needs guidance_scale > 1")
+    height = height or unet.config.sample_size * pipe.vae_scale_factor
+    width = width or unet.config.sample_size * pipe.vae_scale_factor
+
+    capture = _StepCapture(
+        pipe,
+        attribution_prompt,
+        concepts,
+        cfg_half=settings.cfg_half,
+        blocks=blocks,
+        map_size=map_size,
+    )
+    if len(capture.concepts) != 2:
+        raise ValueError(
+            f"concepts must be two words of the attribution prompt (demographic, semantic), got "
+            f"{list(concepts)}"
+        )
+    with torch.no_grad():
+        prompt_embeds, negative_embeds = pipe.encode_prompt(
+            prompt, device, num_images_per_prompt, use_cfg, negative_prompt
+        )
+        batch = prompt_embeds.shape[0]
+        edit_embeds = []
+        if fair is not None:
+            for edit in fair.prompts:
+                embeds, _ = pipe.encode_prompt(edit, device, 1, False)
+                edit_embeds.append(embeds.expand(batch, -1, -1))
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = scheduler.timesteps
+        latents = pipe.prepare_latents(
+            batch,
+            unet.config.in_channels,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            generator,
+            latents,
+        )
+        step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
+
+    num_steps = len(timesteps)
+    guided = _selected_steps(guidance_steps, num_steps) if lambda_ > 0 else set()
+    energies = torch.zeros(num_steps, batch)
+    grad_norms = torch.zeros(num_steps, batch)
+    applied = torch.zeros(num_steps, batch, dtype=torch.bool)
+    sega = SemanticGuidance(fair) if fair is not None else None
+    a, b = 0, 1
+    unet_requires_grad = [p.requires_grad for p in unet.parameters()]
+    unet.requires_grad_(False)  # frozen weights: the backward computes no weight gradients
+    try:
+        with capture, torch.no_grad():
+            capture.begin(num_steps, tuple(latents.shape[-2:]))
+            for step, t in enumerate(timesteps):
+                guide = step in guided
+                rows_uncond, rows_cond = slice(0, batch), slice(batch, 2 * batch)
+                guided_rows = rows_cond if settings.cfg_half == "cond" else rows_uncond
+                if not use_cfg:
+                    guided_rows = slice(None)
+                grad = None
+                if not guide:
+                    # Exactly diffusers' step: one batched forward over [uncond, cond, edits].
+                    sample = torch.cat([latents] * (2 + len(edit_embeds))) if use_cfg else latents
+                    sample = scheduler.scale_model_input(sample, t)
+                    embeds = (
+                        torch.cat([negative_embeds, prompt_embeds, *edit_embeds])
+                        if use_cfg
+                        else prompt_embeds
+                    )
+                    eps_all = capture.call_unet(
+                        unet, sample, t, embeds, rows=guided_rows, capture=True
+                    )
+                    step_maps = capture.take_step_maps()
+                    energy = _energy(step_maps, a, b, capture.map_side(), settings, q)
+                    if use_cfg:
+                        chunks = eps_all.chunk(2 + len(edit_embeds))
+                        eps_uncond, eps_cond, eps_edits = chunks[0], chunks[1], chunks[2:]
+                    else:
+                        eps_cond = eps_all
+                else:
+                    eps_uncond, eps_cond, eps_edits, energy, grad = _guided_forward(
+                        capture,
+                        unet,
+                        scheduler,
+                        latents,
+                        t,
+                        settings,
+                        q,
+                        use_cfg,
+                        prompt_embeds,
+                        negative_embeds,
+                        edit_embeds,
+                    )
+                energies[step] = energy.detach().float().cpu()
+                if use_cfg:
+                    guidance = settings.guidance_scale * (eps_cond - eps_uncond)
+                    if sega is not None:
+                        edit = sega(step, eps_uncond, eps_edits)
+                        if edit is not None:
+                            guidance = guidance + edit
+                    eps = eps_uncond + guidance
+                else:
+                    eps = eps_cond
+                if grad is not None:
+                    norms = grad.flatten(1).norm(dim=1).float()
+                    grad_norms[step] = norms.cpu()
+                    use = torch.ones_like(norms, dtype=torch.bool)
+                    if settings.grad_norm_gate is not None:
+                        use = norms < settings.grad_norm_gate
+                    applied[step] = use.cpu()
+                    scale = lambda_ * math.sqrt(1.0 - alphabar(scheduler, t))
+                    gate = use.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
+                    eps = eps + scale * gate * grad.to(eps.dtype)
+                latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+            maps = capture.maps() if return_maps else None
+    finally:
+        for parameter, flag in zip(unet.parameters(), unet_requires_grad, strict=True):
+            parameter.requires_grad_(flag)
+    if maps is not None and settings.final_map_size == "image" and map_size is None:
+        maps = maps.resize((height, width))
+    images = _decode(pipe, latents, generator, output_type, prompt_embeds.dtype, device)
+    return GuidedOutput(
+        images, energies, grad_norms, applied, maps, settings, tuple(capture.concepts), q
+    )
+
+
+def _resolve_settings(preset, **overrides) -> GuidanceSettings:
+    base = preset if isinstance(preset, GuidanceSettings) else PRESETS[preset]
+    settings = base.override(**overrides)
+    ops._checks.choice("topk_scope", settings.topk_scope, ("map", "row"))
+    ops._checks.choice("solver", settings.solver, ops._checks.SOLVERS)
+    ops._checks.choice("normalize", settings.normalize, ops._checks.NORMALIZATIONS)
+    ops._checks.choice("cfg_half", settings.cfg_half, ("cond", "uncond"))
+    ops._checks.positive_number("tau", settings.tau)
+    return settings
+
+
+def step_energy(
+    pipe,
+    latents: torch.Tensor,
+    timestep,
+    prompt_embeds: torch.Tensor,
+    attribution_prompt: str,
+    concepts: Sequence[str],
+    *,
+    q: float = 0.7,
+    blocks: str | Sequence[str] = "default",
+    map_size: int | tuple[int, int] | None = None,
+    preset: str | GuidanceSettings = "paper",
+    cut_graph: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """E(z_t) and dE/dz_t for one UNet call: ([B], [B, C, h, w]).
+
+    latents: z_t [B, C, h, w]; prompt_embeds: the guided half's text states [B, L, D]
+    (P's for cfg_half="cond", the negative prompt's for "uncond"). This is the quantity
+    `guided_generate` differentiates at every guided step (for analysis and tests).
+    cut_graph=False records the graph through the whole UNet instead of stopping after
+    the last targeted layer (same gradient, more work).
+    """
+    settings = _resolve_settings(preset)
+    capture = _StepCapture(
+        pipe, attribution_prompt, concepts, cfg_half="cond", blocks=blocks, map_size=map_size
+    )
+    with capture, torch.no_grad():
+        capture.begin(1, tuple(latents.shape[-2:]))
+        energy, grad, _ = capture.energy_and_grad(
+            pipe.unet, pipe.scheduler, latents, timestep, prompt_embeds, settings, q, cut_graph
+        )
+    return energy, grad
+
+
+def _guided_forward(
+    capture,
+    unet,
+    scheduler,
+    latents,
+    t,
+    settings,
+    q,
+    use_cfg,
+    prompt_embeds,
+    negative_embeds,
+    edit_embeds,
+):
+    """One guided step's UNet work: (eps_uncond, eps_cond, eps_edits, energy [B], dE/dz_t)."""
+    guided_embeds = prompt_embeds if settings.cfg_half == "cond" else negative_embeds
+    other = []
+    if use_cfg:
+        other = [negative_embeds] if settings.cfg_half == "cond" else [prompt_embeds]
+    other += list(edit_embeds)
+    eps_other = []
+    if other:
+        sample = scheduler.scale_model_input(torch.cat([latents] * len(other)), t)
+        eps_other = capture.call_unet(
+            unet, sample, t, torch.cat(other), rows=slice(0, 0), capture=False
+        ).chunk(len(other))
+    energy, grad, eps_guided = capture.energy_and_grad(
+        unet, scheduler, latents, t, guided_embeds, settings, q
+    )
+    if not use_cfg:
+        return None, eps_guided, [], energy, grad
+    if settings.cfg_half == "cond":
+        eps_uncond, eps_cond = eps_other[0], eps_guided
+    else:
+        eps_uncond, eps_cond = eps_guided, eps_other[0]
+    return eps_uncond, eps_cond, list(eps_other[1:]), energy, grad
+
+
+def _decode(pipe, latents, generator, output_type, dtype, device):
+    """Latents -> images the way StableDiffusionPipeline finishes (safety checker included)."""
+    with torch.no_grad():
+        if output_type == "latent":
+            return latents
+        image = pipe.vae.decode(
+            latents / pipe.vae.config.scaling_factor, return_dict=False, generator=generator
+        )[0]
+        image, nsfw = pipe.run_safety_checker(image, device, dtype)
+        denormalize = [True] * image.shape[0] if nsfw is None else [not flag for flag in nsfw]
+        return pipe.image_processor.postprocess(
+            image, output_type=output_type, do_denormalize=denormalize
+        )

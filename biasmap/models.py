@@ -1,0 +1,439 @@
+"""Pipelines for discovery and guidance: real weights when present, random weights offline.
+
+There is no model hub in CI or on the benchmark machines (DESIGN.md section 3), so:
+
+- `tiny_sd` / `tiny_sdxl` build small random-weight pipelines of the real architecture
+  families (SD1.x/SD2.x UNet + CLIP text encoder + KL VAE; SDXL with its two text
+  encoders and micro-conditioning) for tests and the offline demo;
+- `random_sd15` builds the full SD1.5 architecture with random weights for benchmarks,
+  since speed depends on shapes, not on weight values;
+- `load_pipeline` loads real weights from a hub id or a local folder and, when they are
+  not available, says how to supply them.
+
+All three random builders use the real CLIP BPE tokenizer, so concept words map to the
+same token positions as with the released models.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CLIP_MAX_LENGTH = 77
+CLIP_VOCAB_SIZE = 49408
+CLIP_BOS_ID = 49406
+CLIP_EOS_ID = 49407
+# The vocabulary is the 256 byte symbols, their end-of-word forms, one entry per merge
+# and the two special tokens: 256 * 2 + 48894 + 2 = 49408 entries.
+_CLIP_NUM_MERGES = CLIP_VOCAB_SIZE - 256 * 2 - 2
+
+# Names load_pipeline accepts for the random-weight builders.
+RANDOM_MODELS = ("tiny", "tiny-sd", "tiny-sd2", "tiny-sdxl", "random-sd15")
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins for bytes that CLIP's byte-level BPE uses, in id order.
+
+    Printable Latin-1 bytes stand for themselves; the others are shifted to code
+    points 256.. so that every byte has a visible, non-whitespace symbol.
+    """
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    code_points = list(printable)
+    shifted = 0
+    for byte in range(256):
+        if byte not in printable:
+            code_points.append(256 + shifted)
+            shifted += 1
+    return [chr(c) for c in code_points]
+
+
+def clip_bpe_file() -> Path:
+    """Path of CLIP's `bpe_simple_vocab_16e6.txt.gz`, shipped inside open_clip_torch.
+
+    open_clip is located without importing it: importing it pulls torchvision, which
+    must stay out of this environment (DESIGN.md section 3).
+    """
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "The CLIP BPE vocabulary ships in the open_clip_torch package, which is not "
+            "installed. Install it without its dependencies (they pull a CUDA torch): "
+            "pip install --no-deps open-clip-torch ftfy"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"open_clip_torch is installed but {path} is missing")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    lines = gzip.open(clip_bpe_file()).read().decode("utf-8").split("\n")
+    # Line 0 is a version header; the merges follow in priority order.
+    merges = [tuple(line.split()) for line in lines[1 : 1 + _CLIP_NUM_MERGES]]
+    symbols = _byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: index for index, token in enumerate(tokens)}, merges
+
+
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """The real CLIP BPE tokenizer (transformers CLIPTokenizer), built offline.
+
+    pad_token: "<|endoftext|>" as SD1.x and SDXL's first tokenizer, or "!" as SD2.x and
+    SDXL's second tokenizer. "a photo of a cat" -> 49406 320 1125 539 320 2368 49407.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocab_and_merges()
+    return CLIPTokenizer(
+        vocab=dict(vocab),
+        merges=list(merges),
+        model_max_length=CLIP_MAX_LENGTH,
+        pad_token=pad_token,
+    )
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _clip_text_config(
+    hidden: int, layers: int, heads: int, *, act: str = "quick_gelu", proj: int = 0
+):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        hidden_act=act,
+        projection_dim=proj or hidden,
+        bos_token_id=CLIP_BOS_ID,
+        eos_token_id=CLIP_EOS_ID,
+        pad_token_id=1,
+    )
+
+
+def _kl_vae(block_out_channels, layers_per_block: int, sample_size: int, norm_num_groups=32):
+    """An SD-style KL autoencoder with four levels (vae_scale_factor 8), random weights."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        latent_channels=4,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
+    )
+
+
+def _tiny_vae():
+    # Four levels like the real VAE, so vae_scale_factor is 8 and image sizes behave
+    # as with released models; 8 channels keep it cheap.
+    return _kl_vae((8, 8, 8, 8), 1, 128, norm_num_groups=4)
+
+
+def _sd_scheduler():
+    from diffusers import DDIMScheduler
+
+    # SD1.5's noise schedule.
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def _eval_fp32(pipe):
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd(seed: int = 0, *, variant: str = "sd1"):
+    """A small random-weight StableDiffusionPipeline (CPU, fp32), deterministic per seed.
+
+    variant: "sd1" (SD1.x: conv proj_in, quick-GELU text encoder, eos padding) or
+    "sd2" (SD2.x: linear proj_in, per-block head dims, GELU text encoder, "!" padding).
+    UNet: three cross-attention down blocks and a plain one, like SD1.5, with 8 heads;
+    latent 16x16 (128 px images), so the attn2 blocks are down-16, down-8, down-4,
+    mid-2, up-4, up-8, up-16. Real CLIP tokenizer.
+    """
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    if variant not in ("sd1", "sd2"):
+        raise ValueError(f"tiny_sd variant must be 'sd1' or 'sd2', got {variant!r}")
+    sd2 = variant == "sd2"
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(16, 32, 32, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            cross_attention_dim=32,
+            # SD1 passes a head count under this legacy name; SD2 passes per-block head dims.
+            attention_head_dim=(2, 4, 4, 4) if sd2 else 8,
+            use_linear_projection=sd2,
+        )
+        text_encoder = CLIPTextModel(
+            _clip_text_config(32, 2, 4, act="gelu" if sd2 else "quick_gelu")
+        )
+        vae = _tiny_vae()
+    finally:
+        torch.random.set_rng_state(generator_state)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer("!" if sd2 else "<|endoftext|>"),
+        unet=unet,
+        scheduler=_sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return _eval_fp32(pipe)
+
+
+def tiny_sdxl(seed: int = 0):
+    """A small random-weight StableDiffusionXLPipeline (CPU, fp32), deterministic per seed.
+
+    Same structure as SDXL: a plain first down block, cross-attention with several
+    transformer layers deeper down, two CLIP text encoders whose penultimate hidden
+    states are concatenated (16 + 32 = 48 = cross_attention_dim), and text_time
+    micro-conditioning fed by the second encoder's pooled projection. Latent 16x16
+    (128 px); attn2 blocks down-8, down-4, mid-4, up-4, up-8.
+    """
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    pooled_dim, time_embed_dim = 32, 8
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(16, 32, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            cross_attention_dim=48,
+            attention_head_dim=(2, 4, 4),
+            transformer_layers_per_block=(1, 1, 2),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            # Six micro-conditioning scalars, each embedded, plus the pooled text embedding.
+            projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,
+        )
+        text_encoder = CLIPTextModel(_clip_text_config(16, 2, 2))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _clip_text_config(32, 2, 4, act="gelu", proj=pooled_dim)
+        )
+        vae = _tiny_vae()
+    finally:
+        torch.random.set_rng_state(generator_state)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=clip_tokenizer("<|endoftext|>"),
+        tokenizer_2=clip_tokenizer("!"),
+        unet=unet,
+        scheduler=_sd_scheduler(),
+        force_zeros_for_empty_prompt=True,
+    )
+    return _eval_fp32(pipe)
+
+
+def sd15_unet():
+    """SD1.5's UNet2DConditionModel (859.5M parameters), randomly initialised."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+
+
+def sd15_text_encoder():
+    """SD1.5's text encoder, CLIP ViT-L/14's text tower (123.1M parameters), random weights."""
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel(_clip_text_config(768, 12, 12))
+
+
+def sd15_vae():
+    """SD1.5's KL autoencoder (83.7M parameters), randomly initialised."""
+    return _kl_vae((128, 256, 512, 512), 2, 512)
+
+
+def random_sd15(
+    seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+):
+    """The full SD1.5 architecture (UNet 860M, CLIP ViT-L/14 text encoder, KL VAE) with
+    random weights, for benchmarks: speed depends on shapes, not on weight values.
+
+    Nothing is downloaded. Building takes tens of seconds on CPU (random init of ~1B
+    parameters) and about 4.3 GB in fp32.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        unet, text_encoder, vae = sd15_unet(), sd15_text_encoder(), sd15_vae()
+    finally:
+        torch.random.set_rng_state(generator_state)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=_sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe = _eval_fp32(pipe)
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
+    return pipe.to(device)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class ModelNotAvailableError(OSError):
+    """Raised when a model's weights are neither in a local folder nor downloadable."""
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
+    if dtype not in names:
+        raise ValueError(f"dtype must be a torch.dtype or one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+def load_pipeline(
+    name_or_path: str,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    seed: int = 0,
+    local_files_only: bool | None = None,
+    **from_pretrained_kwargs: Any,
+):
+    """Load a diffusers text-to-image pipeline: a random-weight builder, a local folder or a hub id.
+
+    name_or_path: one of RANDOM_MODELS ("tiny" = tiny_sd, "tiny-sd2", "tiny-sdxl",
+    "random-sd15"; `seed` seeds their weights), a folder saved with
+    `save_pretrained` / downloaded from the hub, or a hub id such as
+    "stable-diffusion-v1-5/stable-diffusion-v1-5".
+    local_files_only: None follows HF_HUB_OFFLINE; True never touches the network.
+    Raises ModelNotAvailableError, saying how to supply the weights, when they cannot be found.
+    """
+    torch_dtype = _resolve_dtype(dtype)
+    builders = {
+        "tiny": tiny_sd,
+        "tiny-sd": tiny_sd,
+        "tiny-sd2": functools.partial(tiny_sd, variant="sd2"),
+        "tiny-sdxl": tiny_sdxl,
+    }
+    if name_or_path in builders:
+        pipe = builders[name_or_path](seed)
+        # Builders make fp32 modules; casting only when asked avoids diffusers' cast warning.
+        if torch_dtype != torch.float32:
+            pipe = pipe.to(dtype=torch_dtype)
+        return pipe.to(device)
+    if name_or_path == "random-sd15":
+        return random_sd15(seed, dtype=torch_dtype, device=device)
+
+    from diffusers import DiffusionPipeline
+
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    is_folder = os.path.isdir(name_or_path)
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path
+    if looks_local and not is_folder:
+        raise ModelNotAvailableError(
+            f"Model folder {name_or_path!r} does not exist. Pass a folder written by "
+            "`pipe.save_pretrained(folder)` or by `huggingface-cli download <model-id> --local-dir "
+            f"<folder>`, a hub id, or one of the offline random-weight models {RANDOM_MODELS}."
+        )
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            name_or_path,
+            torch_dtype=torch_dtype,
+            local_files_only=local_files_only or is_folder,
+            **from_pretrained_kwargs,
+        )
+    except (OSError, ValueError) as error:
+        where = (
+            "in that folder"
+            if is_folder
+            else "in the local Hugging Face cache, and the hub is unreachable"
+        )
+        raise ModelNotAvailableError(
+            f"Could not load the weights of {name_or_path!r} ({where}): {error}\n"
+            "To supply them offline: on a machine with internet run "
+            f"`huggingface-cli download {name_or_path} --local-dir <folder>` (or "
+            "`DiffusionPipeline.from_pretrained(...).save_pretrained(<folder>)`), copy the "
+            "folder here and pass its path; or copy a Hugging Face cache and point HF_HOME at "
+            f"it. Without weights, use a random-weight model: {RANDOM_MODELS}."
+        ) from error
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

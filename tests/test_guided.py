@@ -1,0 +1,334 @@
+"""Energy-guided sampling on the tiny pipeline (CPU): exactness at lambda=0, the gradient,
+presets, batch independence and errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    PNDMScheduler,
+)
+
+from biasmap.discovery.tokens import ConceptNotFoundError
+from biasmap.mitigation import PRESETS, guided_generate
+from biasmap.mitigation.methods import plan
+from biasmap.mitigation.sampler import _energy, step_energy
+from biasmap.models import tiny_sd
+from biasmap.ops import reference
+
+P = "A photo of the face of a firefighter"
+A = P + " and gender"
+CONCEPTS = ["gender", "firefighter"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd(0)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize(
+    "scheduler_cls,kwargs",
+    [
+        (DDIMScheduler, {}),
+        (PNDMScheduler, {"skip_prk_steps": True}),
+        (EulerDiscreteScheduler, {}),
+        (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    ],
+    ids=["ddim", "pndm", "euler", "dpm++"],
+)
+def test_lambda_zero_is_bit_identical_to_diffusers(pipe, scheduler_cls, kwargs):
+    original = pipe.scheduler
+    pipe.scheduler = scheduler_cls.from_config(original.config, **kwargs)
+    try:
+        ours = guided_generate(
+            pipe,
+            P,
+            A,
+            CONCEPTS,
+            lambda_=0.0,
+            guidance_scale=7.5,
+            num_inference_steps=3,
+            generator=_gen(3),
+            output_type="np",
+        )
+        theirs = pipe(
+            P, num_inference_steps=3, guidance_scale=7.5, generator=_gen(3), output_type="np"
+        ).images
+    finally:
+        pipe.scheduler = original
+    assert np.array_equal(ours.images, theirs)
+    assert ours.grad_norms.abs().sum() == 0 and not ours.applied.any()
+
+
+@pytest.fixture(scope="module")
+def pipe64():
+    return tiny_sd(0).to(torch.float64)
+
+
+def _energy_at(pipe, latents, blocks="default", cut_graph=True):
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt(P, "cpu", 1, False)
+    pipe.scheduler.set_timesteps(10)
+    t = pipe.scheduler.timesteps[3]
+    return step_energy(
+        pipe,
+        latents,
+        t,
+        embeds,
+        A,
+        CONCEPTS,
+        blocks=blocks,
+        cut_graph=cut_graph,
+        preset=PRESETS["paper"].override(tau=0.2),
+    )
+
+
+def test_energy_gradient_equals_central_differences_float64(pipe64):
+    z = torch.randn(1, 4, 16, 16, generator=_gen(5), dtype=torch.float64)
+    energy, grad = _energy_at(pipe64, z)
+    direction = torch.randn(z.shape, generator=_gen(6), dtype=torch.float64)
+    h = 1e-5
+    plus, _ = _energy_at(pipe64, z + h * direction)
+    minus, _ = _energy_at(pipe64, z - h * direction)
+    numeric = (plus - minus) / (2 * h)
+    analytic = (grad * direction).sum()
+    assert float(analytic.abs()) > 1e-6, "the gradient vanished; the test would prove nothing"
+    torch.testing.assert_close(numeric[0], analytic, rtol=1e-4, atol=1e-9)
+
+
+def test_small_step_along_minus_gradient_lowers_energy(pipe64):
+    z = torch.randn(1, 4, 16, 16, generator=_gen(7), dtype=torch.float64)
+    energy, grad = _energy_at(pipe64, z)
+    lowered, _ = _energy_at(pipe64, z - 1e-3 * grad / grad.norm())
+    assert float(lowered) < float(energy)
+
+
+def test_block_targeting_cuts_the_graph_without_changing_the_gradient(pipe64):
+    z = torch.randn(1, 4, 16, 16, generator=_gen(8), dtype=torch.float64)
+    cut = _energy_at(pipe64, z, blocks=["down-16"])
+    full = _energy_at(pipe64, z, blocks=["down-16"], cut_graph=False)
+    torch.testing.assert_close(cut[0], full[0])
+    torch.testing.assert_close(cut[1], full[1])
+
+
+def test_guidance_lowers_the_energy_trajectory(pipe):
+    kwargs = dict(num_inference_steps=4, generator=None, output_type="np")
+    plain = guided_generate(pipe, P, A, CONCEPTS, lambda_=0.0, **{**kwargs, "generator": _gen(1)})
+    guided = guided_generate(
+        pipe, P, A, CONCEPTS, lambda_=300.0, **{**kwargs, "generator": _gen(1)}
+    )
+    assert guided.energies.shape == (4, 1) and guided.grad_norms.shape == (4, 1)
+    assert (guided.grad_norms > 0).all() and guided.applied.all()
+    assert guided.energies[1:].mean() < plain.energies[1:].mean()
+    assert guided.maps is not None and guided.iou().shape == (1,)
+
+
+def test_guidance_steps_limit_where_guidance_is_added(pipe):
+    out = guided_generate(
+        pipe,
+        P,
+        A,
+        CONCEPTS,
+        num_inference_steps=4,
+        guidance_steps=0.5,
+        generator=_gen(2),
+        output_type="np",
+    )
+    assert out.applied[:2].all() and not out.applied[2:].any()
+    assert (out.grad_norms[2:] == 0).all()
+
+
+def test_batch_entries_are_independent(pipe):
+    alone = guided_generate(
+        pipe, [P], A, CONCEPTS, num_inference_steps=3, generator=[_gen(4)], output_type="np"
+    )
+    together = guided_generate(
+        pipe,
+        [P, "A photo of the face of a nurse"],
+        A,
+        CONCEPTS,
+        num_inference_steps=3,
+        generator=[_gen(4), _gen(9)],
+        output_type="np",
+    )
+    np.testing.assert_allclose(alone.images[0], together.images[0], atol=1e-4)
+    torch.testing.assert_close(alone.energies[:, 0], together.energies[:, 0], atol=1e-4, rtol=0)
+    # The gradient is the map noise of batched float32 convolutions amplified by 1/tau.
+    torch.testing.assert_close(
+        alone.grad_norms[:, 0], together.grad_norms[:, 0], atol=1e-5, rtol=5e-3
+    )
+
+
+def _authors_topk(matrix, percentile=0.3, gamma=0.01, iters=20):
+    """The authors' row-wise log-Sinkhorn top-k over a full [rows, n, 2] plan (their loop)."""
+    rows, n = matrix.shape
+    k = int(n * percentile)
+    anchors = torch.tensor([0.0, 1.0], dtype=matrix.dtype)
+    scores = -((matrix[:, :, None] - anchors) ** 2) / gamma
+    f = torch.zeros(rows, n, dtype=matrix.dtype)
+    g = torch.zeros(rows, 2, dtype=matrix.dtype)
+    log_u = math.log(1 / n)
+    log_v = torch.log(torch.tensor([n - k, k], dtype=matrix.dtype) / n)
+    for _ in range(iters):
+        g = log_v - torch.logsumexp(scores + f[:, :, None], dim=1)
+        f = log_u - torch.logsumexp(scores + g[:, None, :], dim=2)
+    return torch.exp(scores + f[:, :, None] + g[:, None, :])[:, :, 1] * n
+
+
+def test_official_energy_is_the_authors_rowwise_sinkhorn_on_raw_maps():
+    gen = _gen(11)
+    step_maps = {
+        "down-16": torch.rand(2, 2, 16, 16, generator=gen, dtype=torch.float64) * 3,
+        "up-8": torch.rand(2, 2, 8, 8, generator=gen, dtype=torch.float64) * 3,
+    }
+    energy = _energy(step_maps, 0, 1, (16, 16), PRESETS["official"], 0.7)
+    summed = reference.resize_aggregate(list(step_maps.values()), (16, 16))
+    expected = []
+    for i in range(2):
+        ma = _authors_topk(summed[i, 0])  # the [16, 16] map as 16 rows: row-wise top-k
+        mb = _authors_topk(summed[i, 1])
+        inter = (ma * mb).sum()
+        expected.append(inter / (ma.sum() + mb.sum() - inter + 1e-8))
+    torch.testing.assert_close(energy, torch.stack(expected))
+
+
+def test_official_preset_uses_the_uncond_half_gate_and_strict_masks(pipe):
+    import biasmap
+
+    settings = PRESETS["official"]
+    assert (settings.cfg_half, settings.normalize, settings.solver) == (
+        "uncond",
+        "none",
+        "sinkhorn",
+    )
+    assert (settings.topk_scope, settings.grad_norm_gate, settings.inclusive_masks) == (
+        "row",
+        1.0,
+        False,
+    )
+    out = guided_generate(
+        pipe,
+        P,
+        A,
+        CONCEPTS,
+        lambda_=0.0,
+        preset="official",
+        num_inference_steps=2,
+        generator=_gen(5),
+        output_type="np",
+        map_size=16,
+    )
+    with biasmap.trace(pipe, A, CONCEPTS, cfg_half="uncond") as tr:
+        pipe(P, num_inference_steps=2, guidance_scale=7.0, generator=_gen(5), output_type="np")
+    torch.testing.assert_close(out.maps.aggregate, tr.maps().aggregate)
+    # Masks with ">" (np.percentile), as the authors' get_binary_mask.
+    expected = []
+    for a_map, b_map in zip(
+        out.maps.concept("gender"), out.maps.concept("firefighter"), strict=True
+    ):
+        ma = a_map.numpy() > np.percentile(a_map.numpy(), 70)
+        mb = b_map.numpy() > np.percentile(b_map.numpy(), 70)
+        expected.append((ma & mb).sum() / (ma | mb).sum())
+    np.testing.assert_allclose(out.iou().numpy(), expected, rtol=1e-6)
+
+
+def test_official_gate_applies_guidance_only_below_unit_gradient_norm(pipe):
+    out = guided_generate(
+        pipe,
+        P,
+        A,
+        CONCEPTS,
+        lambda_=100.0,
+        preset="official",
+        num_inference_steps=3,
+        generator=_gen(6),
+        output_type="np",
+    )
+    assert torch.equal(out.applied, out.grad_norms < 1.0)
+    blocked = guided_generate(
+        pipe,
+        P,
+        A,
+        CONCEPTS,
+        lambda_=100.0,
+        num_inference_steps=3,
+        generator=_gen(6),
+        output_type="np",
+        preset=PRESETS["official"].override(grad_norm_gate=1e-30),
+    )
+    plain = guided_generate(
+        pipe,
+        P,
+        A,
+        CONCEPTS,
+        lambda_=0.0,
+        preset="official",
+        num_inference_steps=3,
+        generator=_gen(6),
+        output_type="np",
+    )
+    assert not blocked.applied.any()
+    np.testing.assert_allclose(blocked.images, plain.images, atol=1e-4)
+
+
+def test_methods_combine_fair_diffusion_hard_and_negative_prompting(pipe):
+    for method in ("fd+biasmap", "hard+biasmap", "negative+biasmap"):
+        settings = plan(method, "firefighter", "gender", seed=1)
+        out = guided_generate(
+            pipe,
+            settings.prompt,
+            settings.attribution_prompt,
+            settings.concepts,
+            negative_prompt=settings.negative_prompt,
+            editing_prompt=settings.editing_prompt,
+            num_inference_steps=2,
+            generator=_gen(1),
+            output_type="np",
+        )
+        assert out.applied.all() and np.isfinite(out.images).all(), method
+    assert plan("fd", "nurse", "gender", 1).editing_prompt.prompts == ("a female", "a male")
+    assert plan("fd", "nurse", "gender", 2).editing_prompt.prompts == ("a male", "a female")
+    assert plan("hard", "nurse", "race", 0).prompt == "A photo of the face of a diverse nurse"
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,pattern",
+    [
+        ({"concepts": ["gender", "astronaut"]}, ConceptNotFoundError, "astronaut"),
+        ({"lambda_": -1.0}, ValueError, "lambda_ must be a number >= 0"),
+        ({"attribution_prompt": P + " and" + " gender" * 80}, ValueError, "more than the text"),
+        ({"preset": "fast"}, ValueError, "preset must be one of"),
+    ],
+)
+def test_clear_errors(pipe, kwargs, error, pattern):
+    args = {"prompt": P, "attribution_prompt": A, "concepts": CONCEPTS, **kwargs}
+    with pytest.raises(error, match=pattern):
+        guided_generate(
+            pipe,
+            args.pop("prompt"),
+            args.pop("attribution_prompt"),
+            args.pop("concepts"),
+            num_inference_steps=1,
+            **args,
+        )
+
+
+def test_scheduler_without_alphas_cumprod_is_rejected(pipe):
+    original = pipe.scheduler
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    try:
+        with pytest.raises(ValueError, match="has no alphas_cumprod"):
+            guided_generate(pipe, P, A, CONCEPTS, num_inference_steps=1)
+    finally:
+        pipe.scheduler = original

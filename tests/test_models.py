@@ -1,0 +1,98 @@
+"""Offline model builders: real CLIP tokenizer, determinism, SD1.5 architecture, load errors."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from biasmap import models  # noqa: E402
+
+
+def test_real_clip_tokenizer_ids():
+    tokenizer = models.clip_tokenizer()
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert len(tokenizer) == 49408
+    padded = models.clip_tokenizer("!")("a cat", padding="max_length", max_length=77).input_ids
+    assert padded[:4] == [49406, 320, 2368, 49407] and padded[4:] == [0] * 73
+
+
+def test_tiny_pipelines_deterministic_per_seed():
+    first, again, other = models.tiny_sd(0), models.tiny_sd(0), models.tiny_sd(1)
+    for name, weight in first.unet.state_dict().items():
+        assert torch.equal(weight, again.unet.state_dict()[name]), name
+    assert not torch.equal(first.unet.conv_in.weight, other.unet.conv_in.weight)
+    state = torch.random.get_rng_state()
+    models.tiny_sdxl(0)
+    assert torch.equal(state, torch.random.get_rng_state()), (
+        "builders must not consume the global RNG"
+    )
+    images = [
+        first(
+            "a cat",
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).images
+        for _ in range(2)
+    ]
+    assert torch.equal(images[0], images[1])
+
+
+def test_tiny_sdxl_is_sdxl_family():
+    pipe = models.tiny_sdxl(0)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    assert pipe.unet.config.cross_attention_dim == (
+        pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    )
+    assert pipe.tokenizer_2.pad_token == "!"
+
+
+def test_sd15_architecture_parameter_counts():
+    # The released SD1.5 components have exactly these parameter counts; meta tensors cost nothing.
+    with torch.device("meta"):
+        assert sum(p.numel() for p in models.sd15_unet().parameters()) == 859_520_964
+        assert sum(p.numel() for p in models.sd15_text_encoder().parameters()) == 123_060_480
+        assert sum(p.numel() for p in models.sd15_vae().parameters()) == 83_653_863
+
+
+def test_load_pipeline_offline_errors(tmp_path):
+    with pytest.raises(models.ModelNotAvailableError, match="save_pretrained"):
+        models.load_pipeline(str(tmp_path / "missing-model"))
+    with pytest.raises(models.ModelNotAvailableError, match="huggingface-cli download"):
+        models.load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5", local_files_only=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(models.ModelNotAvailableError, match="in that folder"):
+        models.load_pipeline(str(empty))
+
+
+def test_load_pipeline_round_trip_from_folder(tmp_path):
+    pipe = models.load_pipeline("tiny", seed=3)
+    pipe.save_pretrained(tmp_path / "tiny")
+    loaded = models.load_pipeline(str(tmp_path / "tiny"), dtype="fp32")
+    assert torch.equal(loaded.unet.conv_in.weight, pipe.unet.conv_in.weight)
+    assert loaded.tokenizer("a cat").input_ids == pipe.tokenizer("a cat").input_ids
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_under_a_second_per_five_steps():
+    if os.environ.get("BIASMAP_TIMING") != "1":
+        pytest.skip("wall-clock check: run with BIASMAP_TIMING=1 on an otherwise idle machine")
+    pipe = models.tiny_sd(0)
+    pipe("warm up", num_inference_steps=1)
+    best = min(
+        _timed(lambda: pipe("a cat", num_inference_steps=5, output_type="pt")) for _ in range(3)
+    )
+    assert best < 1.0, best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
