@@ -31,6 +31,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -882,6 +883,25 @@ void pack_keys(const S* k, const Dims& s, int64_t lp, int64_t dp, double scale, 
 // costs more than it saves).
 constexpr int64_t kSerialWork = int64_t(1) << 18;
 
+// Runs fn(t) for t in [0, tasks) on ATen's threads, handing tasks out one at a
+// time: on a shared machine one thread can lose its core for a while, and a
+// static split would then leave the others waiting at the end. Which thread
+// runs a task never changes its result, so outputs stay deterministic.
+template <class F>
+void run_tasks(int64_t tasks, int64_t work, const F& fn) {
+  if (work < kSerialWork || tasks <= 1 || at::get_num_threads() <= 1 || at::in_parallel_region()) {
+    for (int64_t t = 0; t < tasks; ++t) fn(t);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks);
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) fn(t);
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------
 // Ops.
 
@@ -922,17 +942,15 @@ std::tuple<at::Tensor, at::Tensor> attention_slice_fwd(const at::Tensor& q_in,
     p.k_batched = s.Bk > 1, p.mask_batched = s.Bm > 1;
     p.out = out.data_ptr<S>();
     p.lse_out = lse.data_ptr<T>();
-    // Row chunks of at most 256 (a multiple of R), at least 16 tasks overall when N allows.
-    const int64_t want = std::max<int64_t>(1, (16 + s.B - 1) / s.B);
+    // Row chunks of at most 256 (a multiple of R), at least 32 tasks overall when N allows.
+    const int64_t want = std::max<int64_t>(1, (32 + s.B - 1) / s.B);
     p.chunk = std::clamp<int64_t>(as::round_up((s.N + want - 1) / want, 8), 8, 256);
     const int64_t per_b = (s.N + p.chunk - 1) / p.chunk;
     const int64_t tasks = s.B * per_b;
     const int64_t work = s.B * s.N * s.hd * lp;
-    at::parallel_for(0, tasks, work < kSerialWork ? tasks : 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / per_b, n0 = (t % per_b) * p.chunk;
-        run_fwd_task<S, T>(isa, p, b, n0, std::min(s.N, n0 + p.chunk));
-      }
+    run_tasks(tasks, work, [&](int64_t t) {
+      const int64_t b = t / per_b, n0 = (t % per_b) * p.chunk;
+      run_fwd_task<S, T>(isa, p, b, n0, std::min(s.N, n0 + p.chunk));
     });
   });
   return {out, lse};
@@ -1002,10 +1020,10 @@ std::tuple<at::Tensor, at::Tensor> attention_slice_bwd_impl(
     p.lse = lse.data_ptr<T>();
     p.grad_q = grad_q.data_ptr<S>();
     p.need_dk = need_grad_k;
-    // Tasks are (b, h, row chunk); enough chunks for >= 16 tasks, each >= 128
+    // Tasks are (b, h, row chunk); enough chunks for >= 32 tasks, each >= 128
     // rows. The split depends only on the shapes, so grad_k is reproducible.
     const int64_t bh = s.B * s.H;
-    p.chunks = std::clamp<int64_t>((16 + bh - 1) / bh, 1, std::max<int64_t>(1, s.N / 128));
+    p.chunks = std::clamp<int64_t>((32 + bh - 1) / bh, 1, std::max<int64_t>(1, s.N / 128));
     p.chunk = as::round_up((s.N + p.chunks - 1) / p.chunks, 8);
     p.chunks = (s.N + p.chunk - 1) / p.chunk;
     at::Tensor partial_t = at::empty({need_grad_k ? bh * p.chunks * s.L * s.d : 0}, acc_opts);
@@ -1013,11 +1031,9 @@ std::tuple<at::Tensor, at::Tensor> attention_slice_bwd_impl(
     p.dk_partial = partial_t.data_ptr<T>();
     const int64_t tasks = bh * p.chunks;
     const int64_t work = 3 * s.B * s.N * s.hd * lp;
-    at::parallel_for(0, tasks, work < kSerialWork ? tasks : 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t c = t % p.chunks, bh_i = t / p.chunks;
-        run_bwd_task<S, T>(isa, p, bh_i / s.H, bh_i % s.H, c);
-      }
+    run_tasks(tasks, work, [&](int64_t t) {
+      const int64_t c = t % p.chunks, bh_i = t / p.chunks;
+      run_bwd_task<S, T>(isa, p, bh_i / s.H, bh_i % s.H, c);
     });
     if (!need_grad_k) {
       grad_k.zero_();
