@@ -496,6 +496,42 @@ def test_attention_slice_errors(kwargs, error, pattern):
         )
 
 
+def test_skip_value_checks_drops_only_the_data_dependent_checks():
+    nan_q = Q.clone()
+    nan_q[1, 2, 3] = float("nan")
+    with ops.skip_value_checks():
+        out = ops.attention_slice(nan_q, K, torch.tensor([1]), num_heads=2, backend="reference")
+        # Shape checks stay, also with validate=False.
+        with pytest.raises(ValueError, match="key_mask must have shape"):
+            ops.attention_slice(
+                Q, K, torch.tensor([1]), num_heads=2, key_mask=torch.ones(2, 6, dtype=torch.bool)
+            )
+    assert torch.isnan(out[1]).any() and not torch.isnan(out[0]).any()
+    # Restored on exit, also after an exception inside the block.
+    with pytest.raises(RuntimeError), ops.skip_value_checks():
+        raise RuntimeError
+    with pytest.raises(ValueError, match="q contains NaN"):
+        ops.attention_slice(nan_q, K, torch.tensor([1]), num_heads=2)
+    with pytest.raises(ValueError, match="key_mask must have shape"):
+        ops.attention_slice(
+            Q,
+            K,
+            torch.tensor([1]),
+            num_heads=2,
+            key_mask=torch.ones(2, 6, dtype=torch.bool),
+            validate=False,
+        )
+
+
+def test_nan_check_is_not_fooled_by_infinities():
+    x = torch.rand(2, 64)
+    x[0, :2] = torch.tensor([float("inf"), float("-inf")])  # sums to NaN, but holds no NaN
+    ops.quantile_mask(x, 0.3)  # no ValueError
+    x[1, 5] = float("nan")
+    with pytest.raises(ValueError, match="contains NaN"):
+        ops.quantile_mask(x, 0.3)
+
+
 def test_import_survives_a_broken_extension_with_one_warning():
     script = textwrap.dedent(
         """

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _checks, reference
+from ._checks import skip_value_checks
 from .backends import BACKENDS, availability, select
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "mask_iou",
     "topk_count",
     "availability",
+    "skip_value_checks",
     "BACKENDS",
 ]
 

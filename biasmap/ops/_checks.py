@@ -6,7 +6,9 @@ and what is accepted, before any kernel runs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -31,8 +33,35 @@ def tensor(name: str, t: object, ndim: int, floating: bool = True) -> torch.Tens
     return t
 
 
+_state = threading.local()
+
+
+def value_checks_enabled() -> bool:
+    return getattr(_state, "value_checks", True)
+
+
+@contextlib.contextmanager
+def skip_value_checks() -> Iterator[None]:
+    """Within the block (this thread), the ops skip the checks that read tensor data back
+    to the host (NaN, index ranges, empty mask rows); shape, dtype and device checks stay.
+
+    Each such check is a device sync on a GPU, and a sync cannot be captured in a CUDA
+    graph. For loops over inputs already checked once, and for graph capture.
+    """
+    before = value_checks_enabled()
+    _state.value_checks = False
+    try:
+        yield
+    finally:
+        _state.value_checks = before
+
+
 def finite(name: str, t: torch.Tensor) -> None:
-    if bool(torch.isnan(t).any()):
+    if not value_checks_enabled():
+        return
+    # One reduction without a [t.shape] bool temporary; the elementwise test only runs when
+    # the sum is NaN (a NaN entry, or infinities of both signs).
+    if bool(torch.isnan(t.sum())) and bool(torch.isnan(t).any()):
         raise ValueError(f"{name} contains NaN ({_describe(t)}); attribution maps must be finite")
 
 
@@ -103,7 +132,18 @@ def attention_slice_args(q, k, token_index, num_heads, scale, key_mask, values=T
         not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool
     ):
         raise TypeError("key_mask must be a bool tensor [B or 1, L] (True = key is kept)")
-    if not values:
+    if key_mask is not None:
+        if (
+            key_mask.dim() != 2
+            or key_mask.shape[1] != num_keys
+            or key_mask.shape[0] not in (1, batch)
+        ):
+            raise ValueError(
+                f"key_mask must have shape [{batch} or 1, {num_keys}], got {tuple(key_mask.shape)}"
+            )
+        if key_mask.device != q.device:
+            raise ValueError(f"key_mask is on {key_mask.device} but q is on {q.device}")
+    if not values or not value_checks_enabled():
         return
     low, high = int(token_index.min()), int(token_index.max())
     if low < 0 or high >= num_keys:
@@ -112,22 +152,6 @@ def attention_slice_args(q, k, token_index, num_heads, scale, key_mask, values=T
             f"got values in [{low}, {high}]"
         )
     if key_mask is not None:
-        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
-            raise TypeError("key_mask must be a bool tensor [B or 1, L] (True = key is kept)")
-        if (
-            key_mask.dim() != 2
-            or key_mask.shape[1] != num_keys
-            or key_mask.shape[0]
-            not in (
-                1,
-                batch,
-            )
-        ):
-            raise ValueError(
-                f"key_mask must have shape [{batch} or 1, {num_keys}], got {tuple(key_mask.shape)}"
-            )
-        if key_mask.device != q.device:
-            raise ValueError(f"key_mask is on {key_mask.device} but q is on {q.device}")
         empty = (~key_mask.any(dim=1)).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"key_mask rows {empty} keep no key; every row needs a True entry")
