@@ -45,7 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# Column order of every benchmark CSV (DESIGN.md section 4). Timing rows use unit "ms";
+# Column order of every benchmark CSV (DESIGN.md section 4). Timing rows use unit "ms"
+# (eager calls) or "ms-cuda-graph" (replays of a captured CUDA graph);
 # peak-memory rows put the peak in p50/p20/p80 with unit "MB".
 CSV_COLUMNS = (
     *("kernel", "provider", "mode", "size"),
@@ -143,6 +144,25 @@ def time_cuda(fn: Callable[[], object], budget: TimingBudget) -> Timing:
     return Timing(p50, p20, p80, runs=max(1, int(budget.gpu_rep_ms / max(p50, 1e-6))))
 
 
+def time_cuda_graph(fn: Callable[[], object], budget: TimingBudget) -> Timing | None:
+    """Time replays of one CUDA graph of fn(): the GPU time without Python or launch
+    overhead. None when fn cannot be captured (it syncs with the host, say)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+    return time_cuda(graph.replay, budget)
+
+
 def _timing_from_seconds(samples: Sequence[float], runs: int) -> Timing:
     p50, p20, p80 = (float(v) * 1e3 for v in np.quantile(np.asarray(samples), QUANTILES))
     return Timing(p50, p20, p80, runs=runs)
@@ -228,6 +248,44 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+# -------------------------------------------------------------------- bandwidth
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """A GPU's HBM bandwidth: the data-sheet peak (from the memory clock and bus width,
+    when torch reports them) and a device-to-device copy measured in this run."""
+
+    spec_gbps: float | None
+    copy_gbps: float
+
+    @property
+    def peak_gbps(self) -> float:
+        # The roofline is the data-sheet peak; a copy is the fallback when torch hides it.
+        return self.spec_gbps or self.copy_gbps
+
+    def describe(self) -> str:
+        spec = f"{self.spec_gbps:.0f} GB/s data-sheet peak" if self.spec_gbps else None
+        copy = f"a 1 GiB device copy measured {self.copy_gbps:.0f} GB/s in this run"
+        return f"{spec} ({copy})" if spec else f"{copy} (no data-sheet figure from torch)"
+
+
+def hbm_bandwidth(device: torch.device) -> Bandwidth:
+    """Data-sheet HBM peak and a measured copy bandwidth (bytes read + written) of `device`."""
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", 0)
+    bus_bits = getattr(props, "memory_bus_width", 0)
+    # Double data rate: two transfers per memory clock over the whole bus.
+    spec = 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else None
+    src = torch.empty(1 << 28, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    timing = time_cuda(
+        lambda: dst.copy_(src), TimingBudget(repeats=10, min_seconds=0.1, max_seconds=1.0)
+    )
+    copy = 2 * src.numel() * src.element_size() / (timing.p50_ms * 1e-3) / 1e9
+    return Bandwidth(spec_gbps=spec, copy_gbps=copy)
 
 
 # ----------------------------------------------------------------------- labels

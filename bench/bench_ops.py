@@ -80,6 +80,8 @@ class Case:
     grad_inputs: tuple[str, ...] = ()
     extra_providers: tuple[str, ...] = ()
     authors_key: tuple[int, int] | None = None
+    # Least bytes each mode must move through memory (float32), for the GB/s column.
+    min_bytes: dict[str, int] | None = None
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -113,6 +115,9 @@ def attention_case(batch, n_query, heads, head_dim, n_keys, n_tokens, prompt_len
             num_heads=heads,
             key_mask=inputs["key_mask"],
             backend=provider,
+            # As the attention processors call it: the host-syncing input checks run once
+            # per generation, not per layer call, so they are not part of the op's cost.
+            validate=False,
         )
 
     size = f"B={batch} N={n_query} H={heads} d={head_dim} L={n_keys} T={n_tokens}"
@@ -148,6 +153,9 @@ def soft_topk_cases(batch, n) -> list[Case]:
             backend=provider,
         )
 
+    # Forward: read x, write the mask. Backward: read the mask and grad_out, write grad_x.
+    plane = 4 * batch * n
+    min_bytes = {"fwd": 2 * plane, "bwd": 3 * plane, "fwd+bwd": 5 * plane}
     shape = f"{batch}x{n} k={k}"
     return [
         Case(
@@ -157,6 +165,7 @@ def soft_topk_cases(batch, n) -> list[Case]:
             exact,
             grad_inputs=("x",),
             authors_key=(batch, n),
+            min_bytes=min_bytes,
         ),
         Case(
             "soft_topk",
@@ -271,7 +280,9 @@ def default_cases(device: torch.device, quick: bool) -> list[Case]:
         for n_query, inner in layers
     ]
     maps = [(2, 4096), (8, 4096), (64, 4096), (2, 262144)]
-    for batch, n in maps:
+    # 16 maps at 512 px: the soft top-k bandwidth target (too slow for the CPU reference).
+    topk_maps = [*maps, (16, 262144)] if device.type == "cuda" else maps
+    for batch, n in topk_maps:
         cases += soft_topk_cases(batch, n)
     cases += [resize_case(2, 2, SD15_MAP_SIDES, side) for side in (64, 512)]
     cases += [soft_iou_case(b, n) for b, n in maps]
@@ -311,7 +322,7 @@ def providers_for(case: Case, device: torch.device, wanted: Sequence[str] | None
     names = [REFERENCE] + [n for n, r in reasons.items() if n != REFERENCE and r is None]
     if wanted is not None:
         # An explicitly requested backend runs even under the interpreter, if it can at all.
-        names = [n for n in [REFERENCE, *reasons] if n in wanted]
+        names = [n for n in [REFERENCE, *reasons.keys() - {REFERENCE}] if n in wanted]
         names = [
             n
             for n in names
@@ -345,6 +356,8 @@ class Result:
     mode: str
     provider: str
     timing: _common.Timing | None = None
+    # CUDA only: replaying one captured CUDA graph of the call (GPU time, no host overhead).
+    graph_timing: _common.Timing | None = None
     peak_bytes: int | None = None
     note: str = ""
 
@@ -390,6 +403,13 @@ def measure(
     try:
         fn = build_callable(case, provider, mode, device)
         result.timing = _common.time_callable(fn, device, budget)
+        if device.type == "cuda":
+            # The host-syncing input checks cannot be captured; the kernels are the same.
+            try:
+                with ops.skip_value_checks():
+                    result.graph_timing = _common.time_cuda_graph(fn, budget)
+            except Exception as exc:  # keep the eager timing
+                result.note = f"no CUDA graph: {type(exc).__name__}: {str(exc)[:120]}"
         if with_memory and mode == "fwd+bwd":
             result.peak_bytes = _common.peak_memory_bytes(fn, device)
     except Exception as exc:  # a broken kernel must not hide the other providers' numbers
@@ -404,15 +424,36 @@ def _p50(result: Result | None) -> float | None:
     return result.timing.p50_ms if result is not None and result.timing is not None else None
 
 
+def _graph_p50(result: Result | None) -> float | None:
+    if result is None or result.graph_timing is None:
+        return None
+    return result.graph_timing.p50_ms
+
+
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator <= 0:
         return None
     return numerator / denominator
 
 
-def op_table(op: str, results: Sequence[Result], all_results: Sequence[Result]) -> str:
+def _gb_per_s(result: Result) -> float | None:
+    """Effective bandwidth: the case's least bytes for this mode over the p50 time (of the
+    CUDA graph replay where there is one: the GPU's own time)."""
+    p50 = _graph_p50(result) or _p50(result)
+    if not result.case.min_bytes or p50 is None or p50 <= 0:
+        return None
+    return result.case.min_bytes[result.mode] / (p50 * 1e-3) / 1e9
+
+
+def op_table(
+    op: str,
+    results: Sequence[Result],
+    all_results: Sequence[Result],
+    hbm_bandwidth: _common.Bandwidth | None = None,
+) -> str:
     """Markdown table of one op: times, ratio to the reference (and to the authors for
-    soft_topk), peak memory of fwd+bwd and its ratio."""
+    soft_topk), effective GB/s against the GPU's HBM peak (where hbm_bandwidth is given and
+    the case states its least bytes moved), peak memory of fwd+bwd and its ratio."""
     by_key = {(r.case.size, r.mode, r.provider): r for r in results}
     authors = {
         (r.case.authors_key, r.mode): r
@@ -421,10 +462,16 @@ def op_table(op: str, results: Sequence[Result], all_results: Sequence[Result]) 
     }
     show_authors = any(r.case.authors_key is not None for r in results) and bool(authors)
     show_memory = any(r.peak_bytes is not None for r in results)
+    show_graph = any(r.graph_timing is not None for r in results)
+    hbm = hbm_bandwidth if any(r.case.min_bytes for r in results) else None
 
     headers = ["size", "mode", "provider", "p50 ms", "p20", "p80", "ratio vs ref"]
     if show_authors:
         headers.append("ratio vs authors")
+    if show_graph:
+        headers += ["graph p50 ms", "graph vs ref"] + (["graph vs authors"] if show_authors else [])
+    if hbm:
+        headers += ["GB/s", "% of HBM peak"]
     if show_memory:
         headers += ["peak MB", "mem ratio vs ref"]
     headers.append("runs")
@@ -445,6 +492,19 @@ def op_table(op: str, results: Sequence[Result], all_results: Sequence[Result]) 
         if show_authors:
             theirs = authors.get((r.case.authors_key, r.mode))
             row.append(_common.format_ratio(_ratio(_p50(theirs), _p50(r))))
+        if show_graph:
+            row += [
+                _common.format_ms(_graph_p50(r)),
+                _common.format_ratio(_ratio(_graph_p50(reference), _graph_p50(r))),
+            ]
+            if show_authors:
+                row.append(_common.format_ratio(_ratio(_graph_p50(theirs), _graph_p50(r))))
+        if hbm:
+            gbps = _gb_per_s(r)
+            row += [
+                f"{gbps:.0f}" if gbps else "-",
+                f"{100 * gbps / hbm.peak_gbps:.0f}%" if gbps and hbm.peak_gbps else "-",
+            ]
         if show_memory:
             ref_peak = reference.peak_bytes if reference else None
             row += [
@@ -454,7 +514,7 @@ def op_table(op: str, results: Sequence[Result], all_results: Sequence[Result]) 
         row.append(str(timing.runs) if timing else "-")
         if r.note:
             notes.append(f"{r.case.size} / {r.mode} / {r.provider}: {r.note}")
-            row[3] = f"- [{len(notes)}]"
+            row[3] = f"{row[3] if timing else '-'} [{len(notes)}]"
         rows.append(row)
 
     text = f"### {op}\n\n" + _common.markdown_table(headers, rows)
@@ -463,9 +523,17 @@ def op_table(op: str, results: Sequence[Result], all_results: Sequence[Result]) 
     return text
 
 
-def report(results: Sequence[Result], device: torch.device, header: str) -> str:
+def report(
+    results: Sequence[Result],
+    device: torch.device,
+    header: str,
+    hbm_bandwidth: _common.Bandwidth | None = None,
+) -> str:
     ops_in_order = list(dict.fromkeys(r.case.op for r in results))
-    tables = [op_table(op, [r for r in results if r.case.op == op], results) for op in ops_in_order]
+    tables = [
+        op_table(op, [r for r in results if r.case.op == op], results, hbm_bandwidth)
+        for op in ops_in_order
+    ]
     return header + "\n\n" + "\n\n".join(tables) + "\n"
 
 
@@ -491,6 +559,17 @@ def csv_rows(results: Sequence[Result], device: torch.device) -> list[dict[str, 
                     "p20": f"{t.p20_ms:.6g}",
                     "p80": f"{t.p80_ms:.6g}",
                     "unit": "ms",
+                }
+            )
+        if r.graph_timing is not None:
+            t = r.graph_timing
+            rows.append(
+                base
+                | {
+                    "p50": f"{t.p50_ms:.6g}",
+                    "p20": f"{t.p20_ms:.6g}",
+                    "p80": f"{t.p80_ms:.6g}",
+                    "unit": "ms-cuda-graph",
                 }
             )
         if r.peak_bytes is not None:
@@ -580,6 +659,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> list[Result]:
         cases = [c for c in cases if c.op in args.ops]
 
     not_run = backends_not_run(cases, device)
+    hbm = _common.hbm_bandwidth(device) if device.type == "cuda" else None
     started = time.perf_counter()
     results: list[Result] = []
     for case in cases:
@@ -616,9 +696,28 @@ def _run(args: argparse.Namespace, device: torch.device) -> list[Result]:
             "before it (inputs excluded); mem ratio vs ref = reference peak / provider peak.",
             f"- runs = timed calls behind p20/p50/p80; {runs_rule}.",
         ]
+        + (
+            [
+                "- p50/p20/p80 time eager calls from Python, input checks included (each NaN "
+                "check is a host sync). graph p50 ms replays one CUDA graph of the same call "
+                "captured with biasmap.ops.skip_value_checks(): the GPU's time without host "
+                "overhead; '-' where the provider cannot be captured (it syncs)."
+            ]
+            if device.type == "cuda"
+            else []
+        )
+        + (
+            [
+                "- GB/s = least bytes the mode must move (soft_topk fwd: read x, write the "
+                "mask; bwd: read mask and grad_out, write grad_x) / p50; % of HBM peak "
+                f"uses {hbm.describe()}."
+            ]
+            if hbm
+            else []
+        )
         + [f"- not run here: {name} ({why})." for name, why in not_run.items()]
     )
-    text = report(results, device, header)
+    text = report(results, device, header, hbm)
     print(text)
 
     suffix = "_quick" if args.quick else ""

@@ -119,11 +119,14 @@ def test_quick_run_writes_tables_and_csv(tmp_path, capsys):
     markdown = (tmp_path / f"bench_ops_{_common.device_slug(device)}_quick.md").read_text()
     assert markdown in printed
     base_columns = "| size | mode | provider | p50 ms | p20 | p80 | ratio vs ref |"
-    assert f"### attention_slice\n\n{base_columns} peak MB | mem ratio vs ref | runs |" in markdown
-    assert (
-        f"### soft_topk\n\n{base_columns} ratio vs authors | peak MB | mem ratio vs ref | runs |"
-        in markdown
-    )
+    # On a GPU: CUDA-graph replay times, and the soft_topk bandwidth against HBM.
+    on_gpu = device.type == "cuda"
+    graph = " graph p50 ms | graph vs ref |" if on_gpu else ""
+    topk_gpu = " graph p50 ms | graph vs ref | graph vs authors | GB/s | % of HBM peak |"
+    memory = " peak MB | mem ratio vs ref | runs |"
+    assert f"### attention_slice\n\n{base_columns}{graph}{memory}" in markdown
+    topk_columns = f"{base_columns} ratio vs authors |{topk_gpu if on_gpu else ''}{memory}"
+    assert f"### soft_topk\n\n{topk_columns}" in markdown
 
     with (tmp_path / "bench_ops_quick.csv").open(newline="") as handle:
         reader = csv.DictReader(handle)
@@ -131,7 +134,7 @@ def test_quick_run_writes_tables_and_csv(tmp_path, capsys):
         rows = list(reader)
     timed = [row for row in rows if row["unit"] == "ms"]
     assert len(timed) == len(results)
-    assert {row["unit"] for row in rows} == {"ms", "MB"}
+    assert {row["unit"] for row in rows} == {"ms", "MB"} | ({"ms-cuda-graph"} if on_gpu else set())
     for row in timed:
         assert float(row["p20"]) <= float(row["p50"]) <= float(row["p80"])
         assert row["versions"].startswith("torch=")
