@@ -16,8 +16,6 @@ what is specific to the GPU kernels:
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -346,10 +344,17 @@ def test_opcheck_cuda(op_name, args):
 
 
 def test_expanded_upstream_gradients():
-    """.sum().backward() hands the backward a stride-0 expanded gradient."""
-    x = torch.rand(2, 500, device=DEV, requires_grad=True)
-    ops.soft_topk(x, 100, 0.1, backend="cuda").sum().backward()
+    """Reductions hand the backward stride-0 expanded gradients."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 500, generator=gen).to(DEV).requires_grad_()
+    weights = torch.rand(500, generator=gen).to(DEV)
+    # sum over the batch: grad_out[b, i] = weights[i], strides (0, 1).
+    (ops.soft_topk(x, 100, 0.1, backend="cuda").sum(0) * weights).sum().backward()
     xr = x.detach().clone().requires_grad_()
-    R.soft_topk(xr, 100, 0.1).sum().backward()
+    (R.soft_topk(xr, 100, 0.1).sum(0) * weights).sum().backward()
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
-    assert math.isfinite(x.grad.abs().sum().item())
+    # .sum(): strides (0, 0). Every mask sums to k, so the exact gradient is zero and both
+    # sides are rounding noise; compare against a bound, not each other.
+    x.grad = None
+    ops.soft_topk(x, 100, 0.1, backend="cuda").sum().backward()
+    assert x.grad.abs().max().item() < 1e-3
