@@ -538,7 +538,8 @@ def report(
 
 
 def csv_rows(results: Sequence[Result], device: torch.device) -> list[dict[str, object]]:
-    """One "ms" row per timing and one "MB" row per peak-memory measurement."""
+    """One "ms" row per timing, one "ms-cuda-graph" row per graph timing and one "MB" row
+    per peak-memory measurement."""
     device_label, versions = _common.device_name(device), _common.versions()
     rows = []
     for r in results:
@@ -550,28 +551,10 @@ def csv_rows(results: Sequence[Result], device: torch.device) -> list[dict[str, 
             "device": device_label,
             "versions": versions,
         }
-        if r.timing is not None:
-            t = r.timing
-            rows.append(
-                base
-                | {
-                    "p50": f"{t.p50_ms:.6g}",
-                    "p20": f"{t.p20_ms:.6g}",
-                    "p80": f"{t.p80_ms:.6g}",
-                    "unit": "ms",
-                }
-            )
-        if r.graph_timing is not None:
-            t = r.graph_timing
-            rows.append(
-                base
-                | {
-                    "p50": f"{t.p50_ms:.6g}",
-                    "p20": f"{t.p20_ms:.6g}",
-                    "p80": f"{t.p80_ms:.6g}",
-                    "unit": "ms-cuda-graph",
-                }
-            )
+        for timing, unit in ((r.timing, "ms"), (r.graph_timing, "ms-cuda-graph")):
+            if timing is not None:
+                quantiles = {"p50": timing.p50_ms, "p20": timing.p20_ms, "p80": timing.p80_ms}
+                rows.append(base | {k: f"{v:.6g}" for k, v in quantiles.items()} | {"unit": unit})
         if r.peak_bytes is not None:
             mb = f"{r.peak_bytes / _common.BYTES_PER_MB:.6g}"
             rows.append(base | {"p50": mb, "p20": mb, "p80": mb, "unit": "MB"})
