@@ -324,6 +324,14 @@ def test_clear_errors(pipe, kwargs, error, pattern):
         )
 
 
+def test_nan_maps_raise_a_clear_error():
+    broken = tiny_sd(0)
+    with torch.no_grad():
+        broken.unet.conv_in.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="guidance energy is NaN at step 0"):
+        guided_generate(broken, P, A, CONCEPTS, num_inference_steps=2)
+
+
 def test_scheduler_without_alphas_cumprod_is_rejected(pipe):
     original = pipe.scheduler
     pipe.scheduler = FlowMatchEulerDiscreteScheduler()

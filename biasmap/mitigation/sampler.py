@@ -159,7 +159,16 @@ class _StepCapture(Trace):
 def _energy(
     step_maps: dict[str, torch.Tensor], a: int, b: int, size, settings: GuidanceSettings, q: float
 ) -> torch.Tensor:
-    """E [B] = SoftIoU(SoftTopK(M_a), SoftTopK(M_b)) of one step's block maps."""
+    """E [B] = SoftIoU(SoftTopK(M_a), SoftTopK(M_b)) of one step's block maps.
+
+    The ops' per-call NaN checks are skipped (on a GPU each is a host sync, about twenty per
+    step); callers check the energy once instead (_require_finite).
+    """
+    with ops.skip_value_checks():
+        return _energy_unchecked(step_maps, a, b, size, settings, q)
+
+
+def _energy_unchecked(step_maps, a, b, size, settings: GuidanceSettings, q: float) -> torch.Tensor:
     names = list(step_maps)
     maps = ops.resize_aggregate([step_maps[n] for n in names], size)  # [B, C, S_h, S_w]
     batch, _, height, width = maps.shape
@@ -179,6 +188,16 @@ def _energy(
         normalize=settings.normalize,
     ).reshape(2 * batch, height * width)
     return ops.soft_iou(masks[:batch], masks[batch:], settings.eps)
+
+
+def _require_finite(energy: torch.Tensor, step: int) -> None:
+    """A NaN energy means NaN attribution maps (soft top-k and SoftIoU stay finite on any
+    finite maps): raise rather than guide with a NaN gradient."""
+    if torch.isnan(energy).any():
+        raise ValueError(
+            f"the guidance energy is NaN at step {step}: the attribution maps contain NaN, so "
+            "the UNet produced NaN (in float16, try float32 or a smaller lambda_)"
+        )
 
 
 def _check_arguments(pipe, lambda_, attribution_prompt, q, preset) -> None:
@@ -373,6 +392,7 @@ def guided_generate(
                         edit_embeds,
                     )
                 energies[step] = energy.detach().float().cpu()
+                _require_finite(energies[step], step)
                 if use_cfg:
                     guidance = settings.guidance_scale * (eps_cond - eps_uncond)
                     if sega is not None:
@@ -447,6 +467,7 @@ def step_energy(
         energy, grad, _ = capture.energy_and_grad(
             pipe.unet, pipe.scheduler, latents, timestep, prompt_embeds, settings, q, cut_graph
         )
+    _require_finite(energy, 0)
     return energy, grad
 
 
