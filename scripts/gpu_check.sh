@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU, and with torch, triton and the test dependencies installed:
 # build biasmap._C with the CUDA kernels in place, run the whole test suite (the CUDA and
-# compiled-Triton cases included), then the op benchmarks. Logs and the built library go to
-# OUTDIR (default build/gpu_check); benchmark results go to bench/results/ as usual.
+# compiled-Triton cases included), then the op benchmarks. Logs go to OUTDIR (default
+# build/gpu_check); benchmark results go to bench/results/ as usual.
 #
 #   scripts/gpu_check.sh [OUTDIR] [STEPS]
 #
@@ -32,7 +32,7 @@ fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   nvcc --version | tail -1
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-} 2>&1 | tee "$OUTDIR/env.txt"
+} 2>&1 | tee -a "$OUTDIR/env.txt"
 
 if has_step build; then
   arch=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
@@ -40,14 +40,13 @@ if has_step build; then
   FORCE_CUDA=1 BIASMAP_CUDA_ARCHS=${BIASMAP_CUDA_ARCHS:-$arch} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
     timeout 420 "$PY" setup.py build_ext --inplace >"$OUTDIR/build.log" 2>&1
   echo "build rc=$? in $((SECONDS - start)) s" | tee -a "$OUTDIR/env.txt"
-  cp biasmap/_C*.so "$OUTDIR/" 2>/dev/null
 fi
 
 "$PY" -m biasmap.info 2>&1 | tee -a "$OUTDIR/env.txt"
 
 if has_step tests; then
   start=$SECONDS
-  # One process per test file keeps the GPU's memory small; xdist when it is installed.
+  # With pytest-xdist, 8 workers share the GPU (the suite needs a few GB at most).
   xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
   timeout "${TEST_TIMEOUT:-540}" "$PY" -m pytest -q $xdist -p no:cacheprovider ${PYTEST_ARGS:-} \
     >"$OUTDIR/pytest.log" 2>&1
