@@ -92,12 +92,13 @@ std::tuple<at::Tensor, at::Tensor> attention_slice_fwd(const at::Tensor& q_in,
     using A = acc_t<C>;
     const attention::Geom g = geom_for<A>(in, num_heads);
     check_smem<C>(g, op);
+    at::Tensor ws = glue::workspace(attention::forward_workspace_bytes<C>(g), in.q);
     glue::check_launch(
         attention::forward<C>(glue::ptr<scalar_t>(in.q), glue::ptr<scalar_t>(in.k),
                               in.token_index.data_ptr<int64_t>(),
                               in.key_mask.defined() ? glue::bool_ptr(in.key_mask) : nullptr, g,
-                              scale, glue::ptr<scalar_t>(out), lse.data_ptr<A>(),
-                              glue::current_stream()),
+                              scale, glue::ptr<scalar_t>(out), lse.data_ptr<A>(), ws.data_ptr(),
+                              glue::num_sms(), glue::current_stream()),
         op);
   });
   return {out, lse};

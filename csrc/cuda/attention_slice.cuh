@@ -12,8 +12,11 @@
 // scores of a key tile sit in one warp's registers and its running max / sum
 // (online softmax) update with two shuffle reductions. Only out [B, T, N] and
 // lse [B, H, N] reach memory; [B, H, N, L] never exists, not even per block.
-//   forward:  block = (b, row tile); the heads are a loop inside the block, so
-//             the sum over heads is a plain ordered add in shared memory.
+//   forward:  block = (b, h, row tile), so that small layers still fill the GPU
+//             (N=256 with 8 heads: 128 blocks, not 16). With several heads each
+//             block writes its head's token probabilities to a float workspace
+//             [B, H, T, N] and a second kernel sums the heads in order
+//             (deterministic); with one head it writes out directly.
 //   bwd dq:   block = (b, h, row tile); two sweeps over the key tiles (D first,
 //             then ds and grad_q = ds K'), writes grad_q and D [B, H, N].
 //   bwd dk:   block = (key batch, h, key tile, row chunk): sweeps the chunk's
@@ -106,7 +109,7 @@ BIASMAP_HD inline Geom make_geom(int64_t batch, int64_t n_query, int64_t k_batch
 template <class A>
 BIASMAP_HD inline size_t forward_smem(const Geom& g) {
   return 2 * smem_bytes<A>(static_cast<size_t>(kTile) * g.ld) + smem_bytes<A>(kTile) +
-         smem_bytes<int>(g.tokens) + 2 * smem_bytes<A>(static_cast<size_t>(kTile) * g.tokens);
+         smem_bytes<int>(g.tokens) + smem_bytes<A>(static_cast<size_t>(kTile) * g.tokens);
 }
 template <class A>
 BIASMAP_HD inline size_t backward_smem(const Geom& g) {
@@ -161,12 +164,14 @@ template <class T>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const T* __restrict__ q, const T* __restrict__ k,
                    const int64_t* __restrict__ token_index, const uint8_t* __restrict__ key_mask,
-                   Geom g, double scale_d, T* __restrict__ out, acc_t<T>* __restrict__ lse) {
+                   Geom g, double scale_d, T* __restrict__ out, acc_t<T>* __restrict__ lse,
+                   acc_t<T>* __restrict__ head_probs) {
   using A = acc_t<T>;
   const A scale = static_cast<A>(scale_d);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t tiles = ceil_div(g.n_query, kTile);
-  const int64_t b = blockIdx.x / tiles;
+  const int64_t b = blockIdx.x / (tiles * g.heads);
+  const int h = static_cast<int>((blockIdx.x / tiles) % g.heads);
   const int64_t n0 = (blockIdx.x % tiles) * kTile;
   const int64_t kb = g.k_batch == 1 ? 0 : b;
   const uint8_t* mask = key_mask == nullptr ? nullptr : key_mask + (g.m_batch == 1 ? 0 : b) * g.n_keys;
@@ -176,83 +181,95 @@ __global__ void __launch_bounds__(kThreads)
   A* Ks = carve.take<A>(static_cast<size_t>(kTile) * g.ld);
   A* kbias = carve.take<A>(kTile);
   int* tok = carve.take<int>(g.tokens);
-  A* stok = carve.take<A>(static_cast<size_t>(kTile) * g.tokens);    // this head's token scores
-  A* outacc = carve.take<A>(static_cast<size_t>(kTile) * g.tokens);  // sum over heads
+  A* stok = carve.take<A>(static_cast<size_t>(kTile) * g.tokens);  // the token columns' scores
 
   for (int t = threadIdx.x; t < g.tokens; t += kThreads) tok[t] = static_cast<int>(token_index[t]);
-  for (int idx = threadIdx.x; idx < kTile * g.tokens; idx += kThreads) outacc[idx] = A(0);
 
   auto q_row = [&](int r) -> const T* {
     const int64_t n = n0 + r;
     return n < g.n_query ? q + (b * g.n_query + n) * g.inner : nullptr;
   };
-  for (int h = 0; h < g.heads; ++h) {
-    __syncthreads();  // the previous head is done with Qs
-    load_tile<T, A>(Qs, g, h, A(1), q_row);
-    A m[kRowsPerWarp], s[kRowsPerWarp];
+  load_tile<T, A>(Qs, g, h, A(1), q_row);
+  A m[kRowsPerWarp], s[kRowsPerWarp];
 #pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      m[i] = -INFINITY;
-      s[i] = A(0);
-      // A token index outside [0, L) then reads as a masked key (probability 0)
-      // instead of stale shared memory.
-      for (int t = lane; t < g.tokens; t += 32) stok[(warp + kWarps * i) * g.tokens + t] = A(-INFINITY);
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    m[i] = -INFINITY;
+    s[i] = A(0);
+    // A token index outside [0, L) then reads as a masked key (probability 0)
+    // instead of stale shared memory.
+    for (int t = lane; t < g.tokens; t += 32) stok[(warp + kWarps * i) * g.tokens + t] = A(-INFINITY);
+  }
+  __syncwarp();
+  for (int64_t l0 = 0; l0 < g.n_keys; l0 += kTile) {
+    __syncthreads();  // Ks of the previous tile is consumed (the first time: Qs and tok are written)
+    auto k_row = [&](int c) -> const T* {
+      const int64_t l = l0 + c;
+      return l < g.n_keys ? k + (kb * g.n_keys + l) * g.inner : nullptr;
+    };
+    load_tile<T, A>(Ks, g, h, scale, k_row);
+    if (threadIdx.x < kTile) {
+      const int64_t l = l0 + threadIdx.x;
+      const bool keep = l < g.n_keys && (mask == nullptr || mask[l] != 0);
+      kbias[threadIdx.x] = keep ? A(0) : A(-INFINITY);
     }
-    __syncwarp();
-    for (int64_t l0 = 0; l0 < g.n_keys; l0 += kTile) {
-      __syncthreads();  // Ks of the previous tile is consumed
-      auto k_row = [&](int c) -> const T* {
-        const int64_t l = l0 + c;
-        return l < g.n_keys ? k + (kb * g.n_keys + l) * g.inner : nullptr;
-      };
-      load_tile<T, A>(Ks, g, h, scale, k_row);
-      if (threadIdx.x < kTile) {
-        const int64_t l = l0 + threadIdx.x;
-        const bool keep = l < g.n_keys && (mask == nullptr || mask[l] != 0);
-        kbias[threadIdx.x] = keep ? A(0) : A(-INFINITY);
-      }
-      __syncthreads();
-      A acc[kRowsPerWarp];
-      tile_scores<A>(Qs, Ks, g, acc);
-#pragma unroll
-      for (int i = 0; i < kRowsPerWarp; ++i) {
-        const int r = warp + kWarps * i;
-        const A sc = acc[i] + kbias[lane];
-        const A tmax = warp_max(sc);
-        if (tmax > A(-INFINITY)) {  // uniform over the warp
-          const A nm = bm_max(m[i], tmax);
-          const A p = sc == A(-INFINITY) ? A(0) : bm_exp(sc - nm);
-          const A ts = warp_sum(p);
-          s[i] = (m[i] == A(-INFINITY) ? A(0) : s[i] * bm_exp(m[i] - nm)) + ts;
-          m[i] = nm;
-        }
-        for (int t = 0; t < g.tokens; ++t) {
-          const int l = tok[t];
-          if (l >= l0 && l < l0 + kTile) {  // uniform over the warp
-            const A v = __shfl_sync(kFullMask, sc, static_cast<int>(l - l0));
-            if (lane == 0) stok[r * g.tokens + t] = v;
-          }
-        }
-      }
-    }
-    __syncwarp();  // lane 0's stok writes are visible to the warp
+    __syncthreads();
+    A acc[kRowsPerWarp];
+    tile_scores<A>(Qs, Ks, g, acc);
 #pragma unroll
     for (int i = 0; i < kRowsPerWarp; ++i) {
       const int r = warp + kWarps * i;
-      const int64_t n = n0 + r;
-      const A row_lse = m[i] + bm_log(s[i]);
-      if (lane == 0 && n < g.n_query) lse[(b * g.heads + h) * g.n_query + n] = row_lse;
-      for (int t = lane; t < g.tokens; t += 32) {
-        const A v = stok[r * g.tokens + t];
-        outacc[r * g.tokens + t] += v == A(-INFINITY) ? A(0) : bm_exp(v - row_lse);
+      const A sc = acc[i] + kbias[lane];
+      const A tmax = warp_max(sc);
+      if (tmax > A(-INFINITY)) {  // uniform over the warp
+        const A nm = bm_max(m[i], tmax);
+        const A p = sc == A(-INFINITY) ? A(0) : bm_exp(sc - nm);
+        const A ts = warp_sum(p);
+        s[i] = (m[i] == A(-INFINITY) ? A(0) : s[i] * bm_exp(m[i] - nm)) + ts;
+        m[i] = nm;
+      }
+      for (int t = 0; t < g.tokens; ++t) {
+        const int l = tok[t];
+        if (l >= l0 && l < l0 + kTile) {  // uniform over the warp
+          const A v = __shfl_sync(kFullMask, sc, static_cast<int>(l - l0));
+          if (lane == 0) stok[r * g.tokens + t] = v;
+        }
       }
     }
   }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < kTile * g.tokens; idx += kThreads) {
-    const int t = idx / kTile, r = idx - t * kTile;
+  __syncwarp();  // lane 0's stok writes are visible to the warp
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int r = warp + kWarps * i;
     const int64_t n = n0 + r;
-    if (n < g.n_query) out[(b * g.tokens + t) * g.n_query + n] = store_as<T>(outacc[r * g.tokens + t]);
+    if (n >= g.n_query) continue;  // uniform over the warp
+    const A row_lse = m[i] + bm_log(s[i]);
+    if (lane == 0) lse[(b * g.heads + h) * g.n_query + n] = row_lse;
+    for (int t = lane; t < g.tokens; t += 32) {
+      const A v = stok[r * g.tokens + t];
+      const A p = v == A(-INFINITY) ? A(0) : bm_exp(v - row_lse);
+      if (head_probs == nullptr) {
+        out[(b * g.tokens + t) * g.n_query + n] = store_as<T>(p);
+      } else {
+        head_probs[((b * g.heads + h) * g.tokens + t) * g.n_query + n] = p;
+      }
+    }
+  }
+}
+
+// out[b, t, n] = sum over h, in order, of head_probs[b, h, t, n].
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    sum_heads_kernel(const acc_t<T>* __restrict__ head_probs, Geom g, T* __restrict__ out) {
+  using A = acc_t<T>;
+  const int64_t plane = g.tokens * g.n_query;  // one image's [T, N]
+  const int64_t total = g.batch * plane;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t b = idx / plane, tn = idx - b * plane;
+    const A* src = head_probs + b * g.heads * plane + tn;
+    A sum = A(0);
+    for (int h = 0; h < g.heads; ++h) sum += src[h * plane];
+    out[idx] = store_as<T>(sum);
   }
 }
 
@@ -528,17 +545,32 @@ inline bool smem_fits(const Geom& g) {
   return smem_needed<T>(g) <= static_cast<size_t>(rt::smem_optin(rt::current_device()));
 }
 
+// Workspace bytes of the forward: the per-head token probabilities [B, H, T, N] (none with
+// one head, whose block writes out directly).
+template <class T>
+inline size_t forward_workspace_bytes(const Geom& g) {
+  if (g.heads == 1) return 0;
+  return static_cast<size_t>(g.batch * g.heads * g.tokens * g.n_query) * sizeof(acc_t<T>);
+}
+
 template <class T>
 cudaError_t forward(const T* q, const T* k, const int64_t* token_index, const uint8_t* key_mask,
-                    const Geom& g, double scale, T* out, acc_t<T>* lse, cudaStream_t stream) {
+                    const Geom& g, double scale, T* out, acc_t<T>* lse, void* workspace,
+                    int num_sms, cudaStream_t stream) {
   using A = acc_t<T>;
-  const int64_t blocks = g.batch * ceil_div(g.n_query, kTile);
+  const int64_t blocks = g.batch * g.heads * ceil_div(g.n_query, kTile);
   if (blocks == 0) return cudaSuccess;
   const size_t smem = forward_smem<A>(g);
   cudaError_t err = rt::allow_dynamic_smem(forward_kernel<T>, smem);
   if (err != cudaSuccess) return err;
-  return launch_kernel(forward_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads),
-                       smem, stream, false, q, k, token_index, key_mask, g, scale, out, lse);
+  A* head_probs = g.heads == 1 ? nullptr : static_cast<A*>(workspace);
+  err = launch_kernel(forward_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem,
+                      stream, false, q, k, token_index, key_mask, g, scale, out, lse, head_probs);
+  if (err != cudaSuccess || head_probs == nullptr) return err;
+  const int64_t elems = g.batch * g.tokens * g.n_query;
+  const int64_t sum_blocks = bm_min<int64_t>(ceil_div(elems, kThreads), 8LL * num_sms);
+  return launch_kernel(sum_heads_kernel<T>, dim3(static_cast<unsigned>(sum_blocks)), dim3(kThreads),
+                       0, stream, false, static_cast<const A*>(head_probs), g, out);
 }
 
 // Row chunks of the dk kernel: enough blocks for about two waves.

@@ -58,9 +58,11 @@ int bm_attention_fwd(int dtype, const void* q, const void* k, const int64_t* tok
     using S = decltype(tag);
     const auto g = bc::attention::make_geom<bc::acc_t<S>>(B, N, Bk, L, mask ? Bm : 0, H, d, T);
     if (!bc::attention::smem_fits<S>(g)) return 1000;
+    std::vector<unsigned char> ws(bc::attention::forward_workspace_bytes<S>(g) + 16);
     return static_cast<int>(bc::attention::forward<S>(
         static_cast<const S*>(q), static_cast<const S*>(k), tok, mask, g, scale,
-        static_cast<S*>(out), static_cast<bc::acc_t<S>*>(lse), nullptr));
+        static_cast<S*>(out), static_cast<bc::acc_t<S>*>(lse), ws.data(),
+        bm_emu::device().num_sms, nullptr));
   });
 }
 
