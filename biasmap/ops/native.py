@@ -9,6 +9,7 @@ calls its hand-written backward op (pytorch/extension-cpp's pattern).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import warnings
@@ -39,6 +40,7 @@ def _load_extension() -> str | None:
 LOAD_ERROR: str | None = _load_extension()
 
 
+@functools.cache  # registrations happen once, when _C loads; the lookup costs ~6 us per call
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
     """Whether biasmap::<op_name> is registered with a kernel for `dispatch_key` ("CPU"/"CUDA")."""
     if LOAD_ERROR is not None:
