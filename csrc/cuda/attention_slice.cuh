@@ -160,6 +160,25 @@ BM_DEVICE A token_grad(const int* tok, const A* gs, int tokens, int r, int64_t l
   return G;
 }
 
+// Stages key tile l0 of head h: K' = scale K in Ks, and each key's mask bias (0 kept, -inf
+// masked or past L) in kbias. The leading barrier lets the previous tile's readers finish.
+template <class T, class A>
+BM_DEVICE void stage_key_tile(A* Ks, A* kbias, const Geom& g, int h, A scale, const T* k,
+                              int64_t kb, const uint8_t* mask, int64_t l0) {
+  __syncthreads();
+  auto k_row = [&](int c) -> const T* {
+    const int64_t l = l0 + c;
+    return l < g.n_keys ? k + (kb * g.n_keys + l) * g.inner : nullptr;
+  };
+  load_tile<T, A>(Ks, g, h, scale, k_row);
+  if (threadIdx.x < kTile) {
+    const int64_t l = l0 + threadIdx.x;
+    const bool keep = l < g.n_keys && (mask == nullptr || mask[l] != 0);
+    kbias[threadIdx.x] = keep ? A(0) : A(-INFINITY);
+  }
+  __syncthreads();
+}
+
 template <class T>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const T* __restrict__ q, const T* __restrict__ k,
@@ -201,18 +220,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncwarp();
   for (int64_t l0 = 0; l0 < g.n_keys; l0 += kTile) {
-    __syncthreads();  // Ks of the previous tile is consumed (the first time: Qs and tok are written)
-    auto k_row = [&](int c) -> const T* {
-      const int64_t l = l0 + c;
-      return l < g.n_keys ? k + (kb * g.n_keys + l) * g.inner : nullptr;
-    };
-    load_tile<T, A>(Ks, g, h, scale, k_row);
-    if (threadIdx.x < kTile) {
-      const int64_t l = l0 + threadIdx.x;
-      const bool keep = l < g.n_keys && (mask == nullptr || mask[l] != 0);
-      kbias[threadIdx.x] = keep ? A(0) : A(-INFINITY);
-    }
-    __syncthreads();
+    // Its barriers also order the first tile after the Qs, tok and stok writes above.
+    stage_key_tile<T, A>(Ks, kbias, g, h, scale, k, kb, mask, l0);
     A acc[kRowsPerWarp];
     tile_scores<A>(Qs, Ks, g, acc);
 #pragma unroll
@@ -321,27 +330,11 @@ __global__ void __launch_bounds__(kThreads)
   };
   load_tile<T, A>(Qs, g, h, A(1), q_row);
 
-  // Probability and token gradient of this lane's key for row warp + 8 i.
-  auto stage_keys = [&](int64_t l0) {
-    __syncthreads();
-    auto k_row = [&](int c) -> const T* {
-      const int64_t l = l0 + c;
-      return l < g.n_keys ? k + (kb * g.n_keys + l) * g.inner : nullptr;
-    };
-    load_tile<T, A>(Ks, g, h, scale, k_row);
-    if (threadIdx.x < kTile) {
-      const int64_t l = l0 + threadIdx.x;
-      const bool keep = l < g.n_keys && (mask == nullptr || mask[l] != 0);
-      kbias[threadIdx.x] = keep ? A(0) : A(-INFINITY);
-    }
-    __syncthreads();
-  };
-
   A D[kRowsPerWarp];
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) D[i] = A(0);
   for (int64_t l0 = 0; l0 < g.n_keys; l0 += kTile) {
-    stage_keys(l0);
+    stage_key_tile<T, A>(Ks, kbias, g, h, scale, k, kb, mask, l0);
     A acc[kRowsPerWarp];
     tile_scores<A>(Qs, Ks, g, acc);
 #pragma unroll
@@ -357,7 +350,7 @@ __global__ void __launch_bounds__(kThreads)
 
   const int nvec = g.dpad / V::width;
   for (int64_t l0 = 0; l0 < g.n_keys; l0 += kTile) {
-    stage_keys(l0);
+    stage_key_tile<T, A>(Ks, kbias, g, h, scale, k, kb, mask, l0);
     A acc[kRowsPerWarp];
     tile_scores<A>(Qs, Ks, g, acc);
 #pragma unroll
