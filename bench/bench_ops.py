@@ -92,8 +92,14 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def attention_case(batch, n_query, heads, head_dim, n_keys, n_tokens, prompt_len) -> Case:
-    """attention_slice with prompt-length key masks (softmax_over="prompt", the default)."""
+def attention_case(
+    batch, n_query, heads, head_dim, n_keys, n_tokens, prompt_len, grad_k=True
+) -> Case:
+    """attention_slice with prompt-length key masks (softmax_over="prompt", the default).
+
+    grad_k=False differentiates through q only, as guidance does (the keys come from the
+    text encoder): the backward then skips grad_k.
+    """
 
     def make(device):
         gen = _generator(0)
@@ -121,6 +127,8 @@ def attention_case(batch, n_query, heads, head_dim, n_keys, n_tokens, prompt_len
         )
 
     size = f"B={batch} N={n_query} H={heads} d={head_dim} L={n_keys} T={n_tokens}"
+    if not grad_k:
+        return Case("attention_slice", size + " grad q only", make, call, grad_inputs=("q",))
     return Case("attention_slice", size, make, call, grad_inputs=("q", "k"))
 
 
@@ -279,6 +287,13 @@ def default_cases(device: torch.device, quick: bool) -> list[Case]:
         attention_case(2, n_query, SD15_HEADS, inner // SD15_HEADS, CLIP_KEYS, 2, PROMPT_TOKENS)
         for n_query, inner in layers
     ]
+    # The top layer as guidance differentiates it: through the queries only.
+    n_query, inner = SD15_ATTENTION_LAYERS[0]
+    cases.append(
+        attention_case(
+            2, n_query, SD15_HEADS, inner // SD15_HEADS, CLIP_KEYS, 2, PROMPT_TOKENS, grad_k=False
+        )
+    )
     maps = [(2, 4096), (8, 4096), (64, 4096), (2, 262144)]
     # 16 maps at 512 px: the soft top-k bandwidth target (too slow for the CPU reference).
     topk_maps = [*maps, (16, 262144)] if device.type == "cuda" else maps

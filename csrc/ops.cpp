@@ -20,10 +20,11 @@ TORCH_LIBRARY(biasmap, m) {
   m.def(
       "attention_slice_fwd(Tensor q, Tensor k, Tensor token_index, int num_heads, float scale, "
       "Tensor? key_mask) -> (Tensor, Tensor)");
-  // Returns (grad_q [B, N, H*d], grad_k [B|1, L, H*d]).
+  // Returns (grad_q [B, N, H*d], grad_k [B|1, L, H*d]); need_grad_k=false skips grad_k's
+  // share of the work and returns it as zeros (guidance differentiates through q only).
   m.def(
       "attention_slice_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor token_index, int num_heads, "
-      "float scale, Tensor? key_mask, Tensor lse) -> (Tensor, Tensor)");
+      "float scale, Tensor? key_mask, Tensor lse, bool need_grad_k=True) -> (Tensor, Tensor)");
 
   // maps: M tensors [B, T, h_i, w_i]. Returns [B, T, out_h, out_w], or
   // [B, M, T, out_h, out_w] when per_map.

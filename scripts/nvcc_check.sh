@@ -37,7 +37,7 @@ gen_attention_slice() {
 template cudaError_t bc::attention::forward<$T>(const $T*, const $T*, const int64_t*, const uint8_t*, const bc::attention::Geom&, double, $T*, bc::acc_t<$T>*, void*, int, cudaStream_t);
 template size_t bc::attention::forward_workspace_bytes<$T>(const bc::attention::Geom&);
 template cudaError_t bc::attention::backward<$T>(const $T*, const $T*, const $T*, const int64_t*, const uint8_t*, const bc::acc_t<$T>*, const bc::attention::Geom&, double, $T*, $T*, void*, int, cudaStream_t);
-template size_t bc::attention::backward_workspace_bytes<$T>(const bc::attention::Geom&, int);
+template size_t bc::attention::backward_workspace_bytes<$T>(const bc::attention::Geom&, int, bool);
 template bool bc::attention::smem_fits<$T>(const bc::attention::Geom&);
 CU
 }

@@ -325,9 +325,12 @@ class Emu:
         )
         return out, lse
 
-    def attention_bwd(self, grad_out, q, k, token_index, heads, scale, key_mask, lse):
+    def attention_bwd(
+        self, grad_out, q, k, token_index, heads, scale, key_mask, lse, need_grad_k=True
+    ):
+        """(grad_q, grad_k); grad_k is None with need_grad_k=False (a null pointer)."""
         mask, dims = self._attn_dims(q, k, token_index, heads, key_mask)
-        gq, gk = torch.empty_like(q), torch.empty_like(k)
+        gq, gk = torch.empty_like(q), torch.empty_like(k) if need_grad_k else None
         self._ok(
             self.lib.bm_attention_bwd(
                 DT[q.dtype],
@@ -543,6 +546,19 @@ def test_emulated_attention_dk_row_chunks_are_deterministic(emu):
     for got in results:
         for x, y in zip(got, want, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-13)
+
+
+def test_emulated_attention_backward_without_grad_k(emu):
+    """A null grad_k runs only the dq kernel; grad_q is unchanged, bit for bit."""
+    g = _gen(7)
+    q = torch.randn(2, 70, 3 * 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 20, 3 * 8, generator=g, dtype=torch.float64)
+    tok = torch.tensor([3, 7])
+    out, lse = emu.attention(q, k, tok, 3, 0.3)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    both = emu.attention_bwd(grad, q, k, tok, 3, 0.3, None, lse)
+    grad_q, grad_k = emu.attention_bwd(grad, q, k, tok, 3, 0.3, None, lse, need_grad_k=False)
+    assert grad_k is None and torch.equal(grad_q, both[0])
 
 
 def test_emulated_attention_16bit(emu):

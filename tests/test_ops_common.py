@@ -22,7 +22,7 @@ from conftest import (
 )
 
 from biasmap import ops
-from biasmap.ops import backends, native
+from biasmap.ops import backends, native, reference
 
 
 @dataclass
@@ -327,6 +327,16 @@ def test_gradcheck_float64(case, backend):
 
 
 @pytest.mark.skipif(native.LOAD_ERROR is not None, reason="compiled extension not loaded")
+def _attention_bwd_args(need_grad_k: bool, device: str = "cpu", dtype=torch.float32):
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 40, 16, generator=gen, dtype=dtype).to(device)
+    k = torch.randn(1, 9, 16, generator=gen, dtype=dtype).to(device)
+    token_index = torch.tensor([2, 5], device=device)
+    _, lse = torch.ops.biasmap.attention_slice_fwd(q, k, token_index, 2, 0.35, None)
+    grad_out = torch.randn(2, 2, 40, generator=gen, dtype=dtype).to(device)
+    return grad_out, q, k, token_index, 2, 0.35, None, lse, need_grad_k
+
+
 @pytest.mark.parametrize(
     "op_name,args",
     [
@@ -341,6 +351,19 @@ def test_gradcheck_float64(case, backend):
                 torch.tensor([[True, True, True, True, False]]),
             ),
         ),
+        (
+            # k without grad: the autograd formula asks the backward to skip grad_k.
+            "attention_slice_fwd",
+            lambda: (
+                torch.randn(2, 9, 8, requires_grad=True),
+                torch.randn(1, 5, 8),
+                torch.tensor([1, 3]),
+                2,
+                0.5,
+                None,
+            ),
+        ),
+        ("attention_slice_bwd", lambda: _attention_bwd_args(need_grad_k=False)),
         (
             "resize_aggregate_fwd",
             lambda: (
@@ -558,3 +581,29 @@ def test_import_survives_a_broken_extension_with_one_warning():
     env = {**os.environ, "BIASMAP_SKIP_EXT": "0"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize(
+    "backend", [p for p in backend_params("attention_slice") if p.id != "reference"]
+)
+def test_attention_backward_skips_grad_k_when_k_needs_none(backend):
+    device = device_of(backend)
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 40, 16, generator=gen, dtype=torch.float64).to(device)
+    k = torch.randn(1, 9, 16, generator=gen, dtype=torch.float64).to(device)
+    token_index = torch.tensor([2, 5], device=device)
+    grad = torch.randn(2, 2, 40, generator=gen, dtype=torch.float64).to(device)
+    kernels = ops._kernels(backend)
+    _, lse = kernels.attention_slice_fwd(q, k, token_index, 2, 0.35, None)
+    both = kernels.attention_slice_bwd(grad, q, k, token_index, 2, 0.35, None, lse)
+    q_only = kernels.attention_slice_bwd(grad, q, k, token_index, 2, 0.35, None, lse, False)
+    assert torch.equal(q_only[0], both[0])
+    assert torch.equal(q_only[1], torch.zeros_like(k))
+    # Through autograd, with k not requiring grad: grad_q still equals the reference's.
+    qq = q.clone().requires_grad_()
+    out = ops.attention_slice(qq, k, token_index, num_heads=2, scale=0.35, backend=backend)
+    (got,) = torch.autograd.grad(out, qq, grad)
+    qr = q.detach().cpu().requires_grad_()
+    ref = reference.attention_slice(qr, k.cpu(), token_index.cpu(), 2, 0.35, None)
+    (want,) = torch.autograd.grad(ref, qr, grad.cpu())
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-12)

@@ -69,7 +69,7 @@ def _register_fake_kernels() -> None:
         return out, lse
 
     @torch.library.register_fake(lib + "attention_slice_bwd")
-    def _(grad_out, q, k, token_index, num_heads, scale, key_mask, lse):
+    def _(grad_out, q, k, token_index, num_heads, scale, key_mask, lse, need_grad_k=True):
         return torch.empty_like(q), torch.empty_like(k)
 
     @torch.library.register_fake(lib + "resize_aggregate_fwd")
@@ -127,10 +127,19 @@ def _register_autograd() -> None:
 
     def attention_backward(ctx, grad_out, _grad_lse):
         q, k, token_index, key_mask, lse = ctx.saved_tensors
+        need_grad_k = ctx.needs_input_grad[1]
         grad_q, grad_k = ops.attention_slice_bwd(
-            _contiguous(grad_out), q, k, token_index, ctx.num_heads, ctx.scale, key_mask, lse
+            _contiguous(grad_out),
+            q,
+            k,
+            token_index,
+            ctx.num_heads,
+            ctx.scale,
+            key_mask,
+            lse,
+            need_grad_k,
         )
-        return grad_q, grad_k, None, None, None, None
+        return grad_q, grad_k if need_grad_k else None, None, None, None, None
 
     torch.library.register_autograd(
         "biasmap::attention_slice_fwd", attention_backward, setup_context=attention_setup

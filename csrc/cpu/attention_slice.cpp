@@ -958,9 +958,8 @@ std::tuple<at::Tensor, at::Tensor> attention_slice_fwd(const at::Tensor& q_in,
 
 // need_grad_k = false skips grad_k's third of the backward (returning zeros)
 // for callers whose keys need no gradient, such as guidance through the
-// queries only. The op schema has no such flag yet, so the registered op
-// below always computes both.
-std::tuple<at::Tensor, at::Tensor> attention_slice_bwd_impl(
+// queries only.
+std::tuple<at::Tensor, at::Tensor> attention_slice_bwd(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& token_index_in, int64_t num_heads, double scale,
     const std::optional<at::Tensor>& key_mask, const at::Tensor& lse_in, bool need_grad_k) {
@@ -1060,14 +1059,6 @@ std::tuple<at::Tensor, at::Tensor> attention_slice_bwd_impl(
     }
   });
   return {grad_q, grad_k};
-}
-
-std::tuple<at::Tensor, at::Tensor> attention_slice_bwd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& token_index, int64_t num_heads, double scale,
-    const std::optional<at::Tensor>& key_mask, const at::Tensor& lse) {
-  return attention_slice_bwd_impl(grad_out, q, k, token_index, num_heads, scale, key_mask, lse,
-                                  /*need_grad_k=*/true);
 }
 
 }  // namespace

@@ -107,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> attention_slice_fwd(const at::Tensor& q_in,
 std::tuple<at::Tensor, at::Tensor> attention_slice_bwd(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& token_index, int64_t num_heads, double scale,
-    const std::optional<at::Tensor>& key_mask, const at::Tensor& lse_in) {
+    const std::optional<at::Tensor>& key_mask, const at::Tensor& lse_in, bool need_grad_k) {
   constexpr const char* op = "attention_slice_bwd";
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Inputs in = check_inputs(q_in, k_in, token_index, num_heads, key_mask, op);
@@ -124,20 +124,22 @@ std::tuple<at::Tensor, at::Tensor> attention_slice_bwd(
   const at::Tensor grad_out = grad_out_in.to(in.q.scalar_type()).contiguous();
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor grad_q = at::empty_like(in.q);
-  at::Tensor grad_k = at::empty_like(in.k);
+  at::Tensor grad_k = need_grad_k ? at::empty_like(in.k) : at::zeros_like(in.k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.q.scalar_type(), op, [&] {
     using C = glue::cuda_t<scalar_t>;
     using A = acc_t<C>;
     const attention::Geom g = geom_for<A>(in, num_heads);
     check_smem<C>(g, op);
     const int sms = glue::num_sms();
-    at::Tensor ws = glue::workspace(attention::backward_workspace_bytes<C>(g, sms), in.q);
+    at::Tensor ws =
+        glue::workspace(attention::backward_workspace_bytes<C>(g, sms, need_grad_k), in.q);
     glue::check_launch(
         attention::backward<C>(glue::ptr<scalar_t>(grad_out), glue::ptr<scalar_t>(in.q),
                                glue::ptr<scalar_t>(in.k), in.token_index.data_ptr<int64_t>(),
                                in.key_mask.defined() ? glue::bool_ptr(in.key_mask) : nullptr,
                                lse.data_ptr<A>(), g, scale, glue::ptr<scalar_t>(grad_q),
-                               glue::ptr<scalar_t>(grad_k), ws.data_ptr(), sms,
+                               need_grad_k ? glue::ptr<scalar_t>(grad_k) : nullptr,
+                               ws.data_ptr(), sms,
                                glue::current_stream()),
         op);
   });

@@ -578,16 +578,20 @@ inline int64_t dk_chunks(const Geom& g, int num_sms) {
   const int64_t rows = g.k_batch == 1 ? g.batch * g.n_query : g.n_query;
   return bm_max<int64_t>(1, ceil_div(rows, dk_chunk_rows(g, num_sms)));
 }
-// Workspace bytes: delta [B, H, N] plus, with several chunks, [C, Bk, L, H*d] partials.
+// Workspace bytes: delta [B, H, N] plus, with several chunks and grad_k wanted,
+// [C, Bk, L, H*d] partials.
 template <class T>
-inline size_t backward_workspace_bytes(const Geom& g, int num_sms) {
+inline size_t backward_workspace_bytes(const Geom& g, int num_sms, bool with_grad_k) {
   using A = acc_t<T>;
   const int64_t chunks = dk_chunks(g, num_sms);
   size_t bytes = smem_bytes<A>(static_cast<size_t>(g.batch * g.heads * g.n_query));
-  if (chunks > 1) bytes += static_cast<size_t>(chunks * g.k_batch * g.n_keys * g.inner) * sizeof(A);
+  if (with_grad_k && chunks > 1) {
+    bytes += static_cast<size_t>(chunks * g.k_batch * g.n_keys * g.inner) * sizeof(A);
+  }
   return bytes;
 }
 
+// grad_k == nullptr: only grad_q (and no dk kernel).
 template <class T>
 cudaError_t backward(const T* grad_out, const T* q, const T* k, const int64_t* token_index,
                      const uint8_t* key_mask, const acc_t<T>* lse, const Geom& g, double scale,
@@ -603,7 +607,7 @@ cudaError_t backward(const T* grad_out, const T* q, const T* k, const int64_t* t
   err = launch_kernel(backward_dq_kernel<T>, dim3(static_cast<unsigned>(dq_blocks)), dim3(kThreads),
                       smem, stream, false, grad_out, q, k, token_index, key_mask, lse, g, scale,
                       grad_q, delta);
-  if (err != cudaSuccess) return err;
+  if (err != cudaSuccess || grad_k == nullptr) return err;
   const int64_t chunk_rows = dk_chunk_rows(g, num_sms);
   const int64_t chunks = dk_chunks(g, num_sms);
   const int64_t dk_blocks = g.k_batch * g.heads * ceil_div(g.n_keys, kTile) * chunks;

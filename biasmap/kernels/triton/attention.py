@@ -459,8 +459,12 @@ def attention_slice_bwd(
     scale: float,
     key_mask: torch.Tensor | None,
     lse: torch.Tensor,
+    need_grad_k: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_out [B, T, N] and the forward's inputs and lse -> (grad_q like q, grad_k like k)."""
+    """grad_out [B, T, N] and the forward's inputs and lse -> (grad_q like q, grad_k like k).
+
+    need_grad_k=False skips the dk kernel and returns grad_k as zeros.
+    """
     grad_out = grad_out.contiguous()
     q, k, token_index, lse = (
         q.contiguous(),
@@ -509,6 +513,8 @@ def attention_slice_bwd(
         lse.stride(1),
         **common,
     )
+    if not need_grad_k:
+        return grad_q, torch.zeros_like(k)
     reps = batch // k_batch
     key_blocks = triton.cdiv(n_keys, blocks["BLOCK_L"])
     split = dk_splits(k_batch, reps, n_query, num_heads, key_blocks, q.device)
@@ -563,10 +569,19 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_lse):
     q, k, token_index, key_mask, lse = ctx.saved_tensors
     # Upstream gradients can be stride-0 expanded views (x.sum().backward()).
+    need_grad_k = ctx.needs_input_grad[1]
     grad_q, grad_k = attention_slice_bwd(
-        grad_out.contiguous(), q, k, token_index, ctx.num_heads, ctx.scale, key_mask, lse
+        grad_out.contiguous(),
+        q,
+        k,
+        token_index,
+        ctx.num_heads,
+        ctx.scale,
+        key_mask,
+        lse,
+        need_grad_k,
     )
-    return grad_q, grad_k, None, None, None, None
+    return grad_q, grad_k if need_grad_k else None, None, None, None, None
 
 
 torch.library.register_autograd(

@@ -74,7 +74,8 @@ int bm_attention_bwd(int dtype, const void* grad_out, const void* q, const void*
     using S = decltype(tag);
     const auto g = bc::attention::make_geom<bc::acc_t<S>>(B, N, Bk, L, mask ? Bm : 0, H, d, T);
     const int sms = bm_emu::device().num_sms;
-    std::vector<unsigned char> ws(bc::attention::backward_workspace_bytes<S>(g, sms) + 16);
+    std::vector<unsigned char> ws(
+        bc::attention::backward_workspace_bytes<S>(g, sms, grad_k != nullptr) + 16);
     return static_cast<int>(bc::attention::backward<S>(
         static_cast<const S*>(grad_out), static_cast<const S*>(q), static_cast<const S*>(k), tok,
         mask, static_cast<const bc::acc_t<S>*>(lse), g, scale, static_cast<S*>(grad_q),
