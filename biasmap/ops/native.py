@@ -16,6 +16,8 @@ import warnings
 
 import torch
 
+from . import _autograd
+
 SKIP_ENV = "BIASMAP_SKIP_EXT"
 
 
@@ -119,31 +121,7 @@ def _register_fake_kernels() -> None:
 def _register_autograd() -> None:
     ops = torch.ops.biasmap
 
-    def attention_setup(ctx, inputs, output):
-        q, k, token_index, num_heads, scale, key_mask = inputs
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(q, k, token_index, key_mask, output[1])
-        ctx.num_heads, ctx.scale = num_heads, scale
-
-    def attention_backward(ctx, grad_out, _grad_lse):
-        q, k, token_index, key_mask, lse = ctx.saved_tensors
-        need_grad_k = ctx.needs_input_grad[1]
-        grad_q, grad_k = ops.attention_slice_bwd(
-            _contiguous(grad_out),
-            q,
-            k,
-            token_index,
-            ctx.num_heads,
-            ctx.scale,
-            key_mask,
-            lse,
-            need_grad_k,
-        )
-        return grad_q, grad_k if need_grad_k else None, None, None, None, None
-
-    torch.library.register_autograd(
-        "biasmap::attention_slice_fwd", attention_backward, setup_context=attention_setup
-    )
+    _autograd.register_attention_slice("biasmap::attention_slice_fwd", ops.attention_slice_bwd)
 
     def resize_setup(ctx, inputs, output):
         maps, out_h, out_w, per_map = inputs

@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from biasmap.ops._autograd import register_attention_slice
+
 from ._common import INTERPRET, Tuned, acc_dtype, pow2, tl_acc
 
 # A key block covers CLIP's 77 tokens in one step, unless the head is wide: a [BLOCK_D, BLOCK_L]
@@ -559,31 +561,4 @@ def attention_slice_bwd(
     return grad_q, grad_k.to(k.dtype)
 
 
-def _setup(ctx, inputs, output):
-    q, k, token_index, num_heads, scale, key_mask = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(q, k, token_index, key_mask, output[1])
-    ctx.num_heads, ctx.scale = num_heads, scale
-
-
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, token_index, key_mask, lse = ctx.saved_tensors
-    # Upstream gradients can be stride-0 expanded views (x.sum().backward()).
-    need_grad_k = ctx.needs_input_grad[1]
-    grad_q, grad_k = attention_slice_bwd(
-        grad_out.contiguous(),
-        q,
-        k,
-        token_index,
-        ctx.num_heads,
-        ctx.scale,
-        key_mask,
-        lse,
-        need_grad_k,
-    )
-    return grad_q, grad_k if need_grad_k else None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "biasmap_triton::attention_slice_fwd", _backward, setup_context=_setup
-)
+register_attention_slice("biasmap_triton::attention_slice_fwd", attention_slice_bwd)
