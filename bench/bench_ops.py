@@ -334,14 +334,16 @@ def _interpreted(backend_name: str) -> bool:
 def providers_for(case: Case, device: torch.device, wanted: Sequence[str] | None) -> list[str]:
     """Providers to time for `case`: the reference, then runnable backends, then extras."""
     reasons = runnable_backends(case.op, device)
-    names = [REFERENCE] + [n for n, r in reasons.items() if n != REFERENCE and r is None]
-    if wanted is not None:
+    ordered = [REFERENCE] + [n for n in reasons if n != REFERENCE]
+    if wanted is None:
+        names = [n for n in ordered if reasons[n] is None]
+    else:
         # An explicitly requested backend runs even under the interpreter, if it can at all.
-        names = [n for n in [REFERENCE, *reasons.keys() - {REFERENCE}] if n in wanted]
         names = [
             n
-            for n in names
-            if backends.BACKENDS[n].unsupported(case.op, device, torch.float32) is None
+            for n in ordered
+            if n in wanted
+            and backends.BACKENDS[n].unsupported(case.op, device, torch.float32) is None
         ]
     names += [p for p in case.extra_providers if wanted is None or p in wanted]
     return names
