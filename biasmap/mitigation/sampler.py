@@ -165,29 +165,25 @@ def _energy(
     step); callers check the energy once instead (_require_finite).
     """
     with ops.skip_value_checks():
-        return _energy_unchecked(step_maps, a, b, size, settings, q)
-
-
-def _energy_unchecked(step_maps, a, b, size, settings: GuidanceSettings, q: float) -> torch.Tensor:
-    names = list(step_maps)
-    maps = ops.resize_aggregate([step_maps[n] for n in names], size)  # [B, C, S_h, S_w]
-    batch, _, height, width = maps.shape
-    pair = torch.cat([maps[:, a], maps[:, b]])  # [2B, S_h, S_w]
-    if settings.topk_scope == "row":
-        rows = pair.reshape(2 * batch * height, width)
-        k = ops.topk_count(width, q)
-    else:
-        rows = pair.reshape(2 * batch, height * width)
-        k = ops.topk_count(height * width, q)
-    masks = ops.soft_topk(
-        rows,
-        k,
-        settings.tau,
-        solver=settings.solver,
-        iters=settings.iters,
-        normalize=settings.normalize,
-    ).reshape(2 * batch, height * width)
-    return ops.soft_iou(masks[:batch], masks[batch:], settings.eps)
+        names = list(step_maps)
+        maps = ops.resize_aggregate([step_maps[n] for n in names], size)  # [B, C, S_h, S_w]
+        batch, _, height, width = maps.shape
+        pair = torch.cat([maps[:, a], maps[:, b]])  # [2B, S_h, S_w]
+        if settings.topk_scope == "row":
+            rows = pair.reshape(2 * batch * height, width)
+            k = ops.topk_count(width, q)
+        else:
+            rows = pair.reshape(2 * batch, height * width)
+            k = ops.topk_count(height * width, q)
+        masks = ops.soft_topk(
+            rows,
+            k,
+            settings.tau,
+            solver=settings.solver,
+            iters=settings.iters,
+            normalize=settings.normalize,
+        ).reshape(2 * batch, height * width)
+        return ops.soft_iou(masks[:batch], masks[batch:], settings.eps)
 
 
 def _require_finite(energy: torch.Tensor, step: int) -> None:
