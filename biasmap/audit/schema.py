@@ -1,0 +1,51 @@
+"""The audit results store's row: one row per generated image.
+
+The audit runner writes these rows (biasmap.audit.store) and the metrics, FID and report
+read them; this module is the contract between the two sides.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# A row's identity: resuming skips keys already in the store, and no key is stored twice.
+KEY_COLUMNS = ("profession", "axis", "seed", "method", "lambda_", "config_hash")
+
+SCHEMA = pa.schema(
+    [
+        # key
+        pa.field("profession", pa.string(), nullable=False),
+        pa.field("axis", pa.string(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("lambda_", pa.float64(), nullable=False),  # 0 for unguided methods
+        pa.field("config_hash", pa.string(), nullable=False),
+        # what was generated
+        pa.field("model", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("attribution_prompt", pa.string()),
+        pa.field("steps", pa.int64()),
+        pa.field("guidance_scale", pa.float64()),
+        pa.field("q", pa.float64()),
+        # attribution metrics of the image, from its own run's maps
+        pa.field("iou", pa.float64()),
+        pa.field("biou_blocks", pa.list_(pa.string())),  # block names, in the UNet's order
+        pa.field("biou_values", pa.list_(pa.float64())),  # BIoU of each block, same order
+        pa.field("biou_mean", pa.float64()),
+        # the SoftIoU energy trajectory over the steps (NaN where no energy was computed)
+        pa.field("softiou_first", pa.float64()),
+        pa.field("softiou_last", pa.float64()),
+        pa.field("softiou_mean", pa.float64()),
+        # zero-shot CLIP classification along the row's axis
+        pa.field("clip_classes", pa.list_(pa.string())),  # the axis's class names, config order
+        pa.field("clip_probs", pa.list_(pa.float64())),  # softmax over those classes
+        pa.field("clip_label", pa.string()),  # argmax class
+        # provenance
+        pa.field("image_path", pa.string()),  # PNG path relative to the run folder
+        pa.field("seconds", pa.float64()),  # wall time of the image's batch / batch size
+        pa.field("batch_size", pa.int64()),
+        pa.field("worker", pa.string()),
+        pa.field("versions", pa.string()),  # JSON: biasmap, torch, diffusers, transformers
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
