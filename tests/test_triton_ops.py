@@ -184,6 +184,28 @@ def test_attention_split_reduction_and_query_blocks(monkeypatch, k_batch, masked
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float16])
+def test_attention_single_head_writes_out_directly(dtype):
+    """With one head the forward stores the probabilities straight into out (in q's dtype);
+    with several it sums a per-head float workspace."""
+    q = torch.randn(2, 50, 24, generator=_gen(19), dtype=F64)
+    k = torch.randn(1, 77, 24, generator=_gen(20), dtype=F64)
+    tokens = torch.tensor([4, 60])
+    if dtype == F64:
+        _assert_matches_reference(
+            lambda a, b: ops.attention_slice(a, b, tokens, num_heads=1, backend="triton"),
+            lambda a, b: reference.attention_slice(a, b, tokens, 1, 24**-0.5),
+            [q, k],
+        )
+        return
+    got = ops.attention_slice(
+        q.to(dtype).to(DEVICE), k.to(dtype).to(DEVICE), tokens, num_heads=1, backend="triton"
+    )
+    want = reference.attention_slice(q.to(dtype).float(), k.to(dtype).float(), tokens, 1)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float().cpu(), want, rtol=2e-2, atol=2e-3)
+
+
 def test_attention_many_keys_and_sd_head_dim():
     """L = 150 keys take two key blocks; d = 40 (SD1.5) pads to 64."""
     q = torch.randn(2, 33, 2 * 40, generator=_gen(6), dtype=F64)

@@ -4,9 +4,10 @@ Shapes: q [B, N, H*d], k [Kb, L, H*d] (Kb = B or 1), token_index long [T], key_m
 [Mb, L] (Mb = B or 1, True = key takes part). out [B, T, N]; lse [B, H, N] (float32, float64
 for float64 inputs) is saved for the backward.
 
-Forward: one program per (query block, batch). For each head it streams over the keys in
+Forward: one program per (query block, head, batch). It streams over the keys in
 [BLOCK_N, BLOCK_L] score tiles with a running max and sum per query row (online softmax), so
-[B, H, N, L] never exists; then the T concept columns are exp(s_tok - lse), summed over heads.
+[B, H, N, L] never exists; then the T concept columns are exp(s_tok - lse), written per head
+to [B, H, T, N] and summed over the heads by torch (directly to out with one head).
 
 Backward, with p = exp(s - lse), G_l = sum_t g_t [tok_t == l] and D = sum_t g_t p_tok_t:
 ds = p (G - D), dq = scale ds @ k, dk = scale ds^T @ q.
@@ -39,6 +40,26 @@ KEY_TILE = 8192
 # 3.7 fails to lower it), so the float64 backward contracts ds by broadcast-and-sum
 # (CHAIN_DOT=False) over 16 x 16 tiles.
 FLOAT64_META = {"BLOCK_N": 16, "num_warps": 4}
+# Heads wider than NARROW_HEAD (SD1.5's d = 80 and 160 pad to BLOCK_D = 128 and 256) run one
+# fixed config instead of the autotuned ones: those hold a [64, BLOCK_D] query tile, which
+# spills registers at these widths (fp32, d = 160: over 12 KB of stack per thread). A tile of
+# QUERY_TILE elements and 8 warps keep each thread's share small.
+NARROW_HEAD = 64
+QUERY_TILE = 4096
+
+
+def fixed_meta(block_d: int, float64_backward: bool) -> dict | None:
+    """The meta-parameters a launch pins, or None where it autotunes (narrow heads)."""
+    if float64_backward:
+        return FLOAT64_META
+    if block_d > NARROW_HEAD:
+        return {"BLOCK_N": max(16, QUERY_TILE // block_d), "num_warps": 8}
+    return None
+
+
+def _launcher(tuned: Tuned, block_d: int, float64_backward: bool = False):
+    meta = fixed_meta(block_d, float64_backward)
+    return tuned if meta is None else tuned.pinned(meta)
 
 
 @triton.jit
@@ -47,21 +68,21 @@ def _attn_fwd_kernel(
     k_ptr,
     tok_ptr,
     mask_ptr,
-    out_ptr,
+    probs_ptr,
     lse_ptr,
     scale: tl.float64,
     N,
     L,
     T,
-    H,
     HEAD_DIM,
     stride_qb,
     stride_qn,
     stride_kb,
     stride_kl,
     stride_mb,
-    stride_ob,
-    stride_ot,
+    stride_pb,
+    stride_ph,
+    stride_pt,
     stride_lb,
     stride_lh,
     HAS_MASK: tl.constexpr,
@@ -72,7 +93,8 @@ def _attn_fwd_kernel(
     BLOCK_T: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_d = tl.arange(0, BLOCK_D)
@@ -85,50 +107,47 @@ def _attn_fwd_kernel(
     if HAS_MASK:
         tok_keep = tok_keep & (tl.load(mask_ptr + mask_row + tok, mask=t_ok, other=0) != 0)
     sc = tl.full([], scale, tl.float64).to(ACC)
-    q_base = q_ptr + b * stride_qb
     k_base = k_ptr + b * stride_kb
-    acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=ACC)
-    for h in range(H):
-        col = h * HEAD_DIM + offs_d
-        q = tl.load(
-            q_base + offs_n[:, None] * stride_qn + col[None, :],
-            mask=n_ok[:, None] & d_ok[None, :],
+    col = h * HEAD_DIM + offs_d
+    q = tl.load(
+        q_ptr + b * stride_qb + offs_n[:, None] * stride_qn + col[None, :],
+        mask=n_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_N], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_N], ACC)
+    for l0 in range(0, L, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        keep = offs_l < L
+        if HAS_MASK:
+            keep = keep & (tl.load(mask_ptr + mask_row + offs_l, mask=keep, other=0) != 0)
+        kt = tl.load(
+            k_base + offs_l[None, :] * stride_kl + col[:, None],
+            mask=d_ok[:, None] & (offs_l < L)[None, :],
             other=0.0,
         )
-        m_i = tl.full([BLOCK_N], float("-inf"), ACC)
-        l_i = tl.zeros([BLOCK_N], ACC)
-        for l0 in range(0, L, BLOCK_L):
-            offs_l = l0 + tl.arange(0, BLOCK_L)
-            keep = offs_l < L
-            if HAS_MASK:
-                keep = keep & (tl.load(mask_ptr + mask_row + offs_l, mask=keep, other=0) != 0)
-            kt = tl.load(
-                k_base + offs_l[None, :] * stride_kl + col[:, None],
-                mask=d_ok[:, None] & (offs_l < L)[None, :],
-                other=0.0,
-            )
-            s = tl.dot(q, kt, input_precision="ieee").to(ACC) * sc
-            s = tl.where(keep[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            # A row whose keys so far are all masked keeps max -inf; shifting by 0 instead
-            # avoids exp(-inf - -inf) = nan while its sum stays 0.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            m_i = m_new
-        lse = m_i + tl.log(l_i)
-        tl.store(lse_ptr + b * stride_lb + h * stride_lh + offs_n, lse, mask=n_ok)
-        kt_tok = tl.load(
-            k_base + tok[None, :] * stride_kl + col[:, None],
-            mask=d_ok[:, None] & t_ok[None, :],
-            other=0.0,
-        )
-        s_tok = tl.dot(q, kt_tok, input_precision="ieee").to(ACC) * sc
-        acc += tl.where(tok_keep[None, :], tl.exp(s_tok - lse[:, None]), 0.0)
+        s = tl.dot(q, kt, input_precision="ieee").to(ACC) * sc
+        s = tl.where(keep[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row whose keys so far are all masked keeps max -inf; shifting by 0 instead
+        # avoids exp(-inf - -inf) = nan while its sum stays 0.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    lse = m_i + tl.log(l_i)
+    tl.store(lse_ptr + b * stride_lb + h * stride_lh + offs_n, lse, mask=n_ok)
+    kt_tok = tl.load(
+        k_base + tok[None, :] * stride_kl + col[:, None],
+        mask=d_ok[:, None] & t_ok[None, :],
+        other=0.0,
+    )
+    s_tok = tl.dot(q, kt_tok, input_precision="ieee").to(ACC) * sc
+    probs = tl.where(tok_keep[None, :], tl.exp(s_tok - lse[:, None]), 0.0)
     tl.store(
-        out_ptr + b * stride_ob + offs_t[None, :] * stride_ot + offs_n[:, None],
-        acc,
+        probs_ptr + b * stride_pb + h * stride_ph + offs_t[None, :] * stride_pt + offs_n[:, None],
+        probs,
         mask=n_ok[:, None] & t_ok[None, :],
     )
 
@@ -355,7 +374,7 @@ def _configs(block_warps, stages):
 _fwd = Tuned(
     _attn_fwd_kernel,
     _configs(((64, 4), (64, 8)), 1),
-    key=["N", "L", "T", "HEAD_DIM", "H"],
+    key=["N", "L", "T", "HEAD_DIM"],
     fixed={"BLOCK_N": 1024},
 )
 _bwd_dq = Tuned(
@@ -422,32 +441,44 @@ def attention_slice_fwd(
     out = q.new_empty(batch, n_tokens, n_query)
     lse = q.new_empty(batch, num_heads, n_query, dtype=acc_dtype(q.dtype))
     mask, stride_mb, has_mask = _mask_args(key_mask, token_index)
-    _fwd[lambda meta: (triton.cdiv(n_query, meta["BLOCK_N"]), batch)](
+    # One program per (query block, head, image), so that small layers still fill the GPU.
+    # With several heads each program writes its head's token probabilities to
+    # [B, H, T, N] and a torch sum adds the heads (deterministic, unlike atomics); a single
+    # head writes out directly.
+    if num_heads == 1:
+        probs = out.unsqueeze(1)
+    else:
+        probs = q.new_empty(batch, num_heads, n_tokens, n_query, dtype=acc_dtype(q.dtype))
+    blocks = _blocks(k, n_tokens, head_dim)
+    forward = _launcher(_fwd, blocks["BLOCK_D"])
+    forward[lambda meta: (triton.cdiv(n_query, meta["BLOCK_N"]), num_heads, batch)](
         q,
         k,
         token_index,
         mask,
-        out,
+        probs,
         lse,
         float(scale),
         n_query,
         k.shape[1],
         n_tokens,
-        num_heads,
         head_dim,
         q.stride(0),
         q.stride(1),
         0 if k.shape[0] == 1 else k.stride(0),
         k.stride(1),
         stride_mb,
-        out.stride(0),
-        out.stride(1),
+        probs.stride(0),
+        probs.stride(1),
+        probs.stride(2),
         lse.stride(0),
         lse.stride(1),
         HAS_MASK=has_mask,
         ACC=tl_acc(q.dtype),
-        **_blocks(k, n_tokens, head_dim),
+        **blocks,
     )
+    if num_heads > 1:
+        out.copy_(probs.sum(dim=1))
     return out, lse
 
 
@@ -488,8 +519,8 @@ def attention_slice_bwd(
     common = dict(HAS_MASK=has_mask, ACC=tl_acc(q.dtype), CHAIN_DOT=not wide, **blocks)
     # float64 (tests, gradcheck) skips autotuning: small fixed tiles keep its broadcast
     # contractions in registers.
-    dq_kernel = _bwd_dq.pinned(FLOAT64_META) if wide else _bwd_dq
-    dk_kernel = _bwd_dk.pinned(FLOAT64_META) if wide else _bwd_dk
+    dq_kernel = _launcher(_bwd_dq, blocks["BLOCK_D"], wide)
+    dk_kernel = _launcher(_bwd_dk, blocks["BLOCK_D"], wide)
     dq_kernel[lambda meta: (triton.cdiv(n_query, meta["BLOCK_N"]), num_heads, batch)](
         grad_out,
         q,

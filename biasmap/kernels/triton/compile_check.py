@@ -64,10 +64,11 @@ def _attention_variants(quick: bool) -> list[Variant]:
         ("fp16 d40", "fp16", tl.float32, 64, 128),
         ("fp32 d160", "fp32", tl.float32, 256, 32),
         ("bf16 d80", "bf16", tl.float32, 128, 64),
+        ("fp32 d80", "fp32", tl.float32, 128, 64),
         ("fp64 d8", "fp64", tl.float64, 16, 16),
     ]
     if quick:
-        cases = cases[:2] + cases[3:]
+        cases = [case for case in cases if case[0] != "bf16 d80"]
     acc_name = {tl.float32: "fp32", tl.float64: "fp64"}
     for label, dt, acc, block_d, block_l in cases:
         wide = acc == tl.float64
@@ -82,8 +83,9 @@ def _attention_variants(quick: bool) -> list[Variant]:
                 triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages)
                 for c in (tuned.autotuned.configs if tuned.autotuned is not None else [])
             ]
-            if wide and backward:  # float64 runs attention.FLOAT64_META, not the autotuner
-                meta = dict(attention.FLOAT64_META)
+            # float64 backward and wide heads run one pinned config, not the autotuner
+            meta = attention.fixed_meta(block_d, wide and backward)
+            if meta is not None:
                 configs = [triton.Config({"BLOCK_N": meta["BLOCK_N"]}, num_warps=meta["num_warps"])]
             if quick:
                 configs = configs[:1]
@@ -102,7 +104,7 @@ def _attention_variants(quick: bool) -> list[Variant]:
                     "q_ptr": f"*{dt}",
                     "k_ptr": f"*{dt}",
                     "g_ptr": f"*{dt}",
-                    "out_ptr": f"*{dt}",
+                    "probs_ptr": f"*{acc_name[acc]}",
                     "dq_ptr": f"*{dt}",
                     "tok_ptr": "*i64",
                     "mask_ptr": "*i1",
