@@ -380,7 +380,7 @@ __global__ void __launch_bounds__(kThreads)
           store_as<T>(dQ[r * g.dpad + j]);
     }
   }
-  if (lane == 0) {
+  if (delta != nullptr && lane == 0) {  // only the dk kernel reads D back
 #pragma unroll
     for (int i = 0; i < kRowsPerWarp; ++i) {
       const int64_t n = n0 + warp + kWarps * i;
@@ -578,29 +578,34 @@ inline int64_t dk_chunks(const Geom& g, int num_sms) {
   const int64_t rows = g.k_batch == 1 ? g.batch * g.n_query : g.n_query;
   return bm_max<int64_t>(1, ceil_div(rows, dk_chunk_rows(g, num_sms)));
 }
-// Workspace bytes: delta [B, H, N] plus, with several chunks and grad_k wanted,
-// [C, Bk, L, H*d] partials.
+// Workspace bytes: none for grad_q alone; with grad_k, delta [B, H, N] plus, with several
+// chunks, [C, Bk, L, H*d] partials.
 template <class T>
 inline size_t backward_workspace_bytes(const Geom& g, int num_sms, bool with_grad_k) {
   using A = acc_t<T>;
+  if (!with_grad_k) return 0;
   const int64_t chunks = dk_chunks(g, num_sms);
   size_t bytes = smem_bytes<A>(static_cast<size_t>(g.batch * g.heads * g.n_query));
-  if (with_grad_k && chunks > 1) {
+  if (chunks > 1) {
     bytes += static_cast<size_t>(chunks * g.k_batch * g.n_keys * g.inner) * sizeof(A);
   }
   return bytes;
 }
 
-// grad_k == nullptr: only grad_q (and no dk kernel).
+// grad_k == nullptr: only grad_q (no dk kernel, no workspace: workspace may be null).
 template <class T>
 cudaError_t backward(const T* grad_out, const T* q, const T* k, const int64_t* token_index,
                      const uint8_t* key_mask, const acc_t<T>* lse, const Geom& g, double scale,
                      T* grad_q, T* grad_k, void* workspace, int num_sms, cudaStream_t stream) {
   using A = acc_t<T>;
   const size_t smem = backward_smem<A>(g);
-  A* delta = static_cast<A*>(workspace);
-  A* partials = reinterpret_cast<A*>(static_cast<unsigned char*>(workspace) +
-                                     smem_bytes<A>(static_cast<size_t>(g.batch * g.heads * g.n_query)));
+  A* delta = nullptr;
+  A* partials = nullptr;
+  if (grad_k != nullptr) {
+    delta = static_cast<A*>(workspace);
+    partials = reinterpret_cast<A*>(static_cast<unsigned char*>(workspace) +
+                                    smem_bytes<A>(static_cast<size_t>(g.batch * g.heads * g.n_query)));
+  }
   const int64_t dq_blocks = g.batch * g.heads * ceil_div(g.n_query, kTile);
   cudaError_t err = rt::allow_dynamic_smem(backward_dq_kernel<T>, smem);
   if (err != cudaSuccess) return err;
