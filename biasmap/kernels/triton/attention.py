@@ -28,7 +28,7 @@ from torch.library import triton_op
 
 from biasmap.ops._autograd import register_attention_slice
 
-from ._common import INTERPRET, Tuned, acc_dtype, pow2, tl_acc
+from ._common import INTERPRET, Tuned, acc_dtype, device_fn, pow2, tl_acc
 
 # A key block covers CLIP's 77 tokens in one step, unless the head is wide: a [BLOCK_D, BLOCK_L]
 # key tile stays within KEY_TILE elements (32 KiB in float32) so that it fits in shared memory
@@ -60,6 +60,39 @@ def fixed_meta(block_d: int, float64_backward: bool) -> dict | None:
 def _launcher(tuned: Tuned, block_d: int, float64_backward: bool = False):
     meta = fixed_meta(block_d, float64_backward)
     return tuned if meta is None else tuned.pinned(meta)
+
+
+@device_fn
+def _key_tile_scores(
+    q,
+    k_base,
+    mask_ptr,
+    mask_row,
+    l0,
+    L,
+    col,
+    d_ok,
+    stride_kl,
+    sc,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """Scaled scores [BLOCK_N, BLOCK_L] of the query tile q against keys l0 .. l0 + BLOCK_L of
+    one head (columns col), which of those keys take part (in range and unmasked), and their
+    positions."""
+    offs_l = l0 + tl.arange(0, BLOCK_L)
+    in_range = offs_l < L
+    keep = in_range
+    if HAS_MASK:
+        keep = keep & (tl.load(mask_ptr + mask_row + offs_l, mask=in_range, other=0) != 0)
+    kt = tl.load(
+        k_base + offs_l[None, :] * stride_kl + col[:, None],
+        mask=d_ok[:, None] & in_range[None, :],
+        other=0.0,
+    )
+    s = tl.dot(q, kt, input_precision="ieee").to(ACC) * sc
+    return s, keep, offs_l
 
 
 @triton.jit
@@ -117,16 +150,9 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_N], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_N], ACC)
     for l0 in range(0, L, BLOCK_L):
-        offs_l = l0 + tl.arange(0, BLOCK_L)
-        keep = offs_l < L
-        if HAS_MASK:
-            keep = keep & (tl.load(mask_ptr + mask_row + offs_l, mask=keep, other=0) != 0)
-        kt = tl.load(
-            k_base + offs_l[None, :] * stride_kl + col[:, None],
-            mask=d_ok[:, None] & (offs_l < L)[None, :],
-            other=0.0,
+        s, keep, _ = _key_tile_scores(
+            q, k_base, mask_ptr, mask_row, l0, L, col, d_ok, stride_kl, sc, HAS_MASK, ACC, BLOCK_L
         )
-        s = tl.dot(q, kt, input_precision="ieee").to(ACC) * sc
         s = tl.where(keep[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row whose keys so far are all masked keeps max -inf; shifting by 0 instead
@@ -224,14 +250,8 @@ def _attn_bwd_dq_kernel(
     tl.store(delta_ptr + lse_off, delta, mask=n_ok)
     dq = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     for l0 in range(0, L, BLOCK_L):
-        offs_l = l0 + tl.arange(0, BLOCK_L)
-        keep = offs_l < L
-        if HAS_MASK:
-            keep = keep & (tl.load(mask_ptr + mask_row + offs_l, mask=keep, other=0) != 0)
-        kt = tl.load(
-            k_base + offs_l[None, :] * stride_kl + col[:, None],
-            mask=d_ok[:, None] & (offs_l < L)[None, :],
-            other=0.0,
+        s, keep, offs_l = _key_tile_scores(
+            q, k_base, mask_ptr, mask_row, l0, L, col, d_ok, stride_kl, sc, HAS_MASK, ACC, BLOCK_L
         )
         # The same keys again as [BLOCK_L, BLOCK_D] (a cache hit) rather than tl.trans(kt):
         # the transposed register operand does not lower for float64 MMA.
@@ -240,7 +260,6 @@ def _attn_bwd_dq_kernel(
             mask=(offs_l < L)[:, None] & d_ok[None, :],
             other=0.0,
         )
-        s = tl.dot(q, kt, input_precision="ieee").to(ACC) * sc
         p = tl.where(keep[None, :], tl.exp(s - lse[:, None]), 0.0)
         # G scatters the T upstream columns onto their key positions (repeats add up).
         onehot = ((tok[:, None] == offs_l[None, :]) & t_ok[:, None]).to(ACC)
