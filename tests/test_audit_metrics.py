@@ -1,0 +1,239 @@
+"""Aggregation of a results store: mIoU, mBIoU, RD and the paper's tables, against values
+computed by hand on the fixture store of tests/audit_fixtures.py."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from collections import defaultdict
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from audit_fixtures import BLOCKS, CLASSES, fixture_rows, make_row, write_store
+
+from biasmap.audit import metrics
+from biasmap.audit.schema import SCHEMA
+
+
+@pytest.fixture
+def store(tmp_path):
+    write_store(tmp_path, fixture_rows(), parts=3)
+    return metrics.read_store(tmp_path)
+
+
+def _group(groups, axis, method, profession, lambda_=0.0):
+    (found,) = [
+        g
+        for g in groups
+        if (g.axis, g.method, g.profession, g.lambda_) == (axis, method, profession, lambda_)
+    ]
+    return found
+
+
+def test_profession_metrics_equal_hand_computation(store):
+    groups = metrics.profession_metrics(store.table)
+    nurse = _group(groups, "gender", "sd", "nurse")
+    # iou 0.4, 0.3, 0.5, 0.2; per-image BIoU means 0.4, 0.3, 0.5, 0.2.
+    assert nurse.n_images == 4
+    assert nurse.miou == pytest.approx(0.35)
+    assert nurse.mbiou == pytest.approx(0.35)
+    # Blocks averaged over the 4 images, in the rows' UNet order.
+    assert list(nurse.block_biou) == BLOCKS
+    assert [nurse.block_biou[b] for b in BLOCKS] == pytest.approx([0.45, 0.25, 0.2, 0.5])
+    # Labels female x3, male x1: p = (1/4, 3/4).
+    assert nurse.class_frequencies == pytest.approx({"male": 0.25, "female": 0.75})
+    assert nurse.rd == pytest.approx(0.5)
+
+    chef = _group(groups, "gender", "sd", "chef")
+    assert chef.miou == pytest.approx(0.25)
+    assert chef.mbiou == pytest.approx((0.15 + 0.2 + 0.3 + 0.35) / 4)
+    # One image has no CLIP label: frequencies are over the 3 labelled images.
+    assert chef.class_frequencies == pytest.approx({"male": 2 / 3, "female": 1 / 3})
+    assert chef.rd == pytest.approx(1 / 3)
+
+    assert _group(groups, "gender", "fd", "nurse").rd == pytest.approx(0.0)  # F M F M
+    assert _group(groups, "gender", "fd", "chef").rd == pytest.approx(0.5)  # M F F F
+    assert _group(groups, "gender", "fd", "nurse").miou == pytest.approx(0.375)
+
+
+def test_rd_counts_classes_that_no_image_received(store):
+    groups = metrics.profession_metrics(store.table)
+    nurse = _group(groups, "race", "sd", "nurse")  # white x3, asian x1 over 4 classes
+    assert nurse.class_frequencies == pytest.approx(
+        {"white": 0.75, "black": 0.0, "hispanic": 0.0, "asian": 0.25}
+    )
+    assert nurse.rd == pytest.approx(0.75)  # max 0.75 - min 0 (black, hispanic)
+    assert _group(groups, "race", "sd", "chef").rd == pytest.approx(1.0)  # all black
+
+
+def test_pooled_metrics_are_means_over_professions(store):
+    pooled = metrics.pooled_metrics(metrics.profession_metrics(store.table))
+    sd = _group(pooled, "gender", "sd", None)
+    assert (sd.n_images, sd.n_professions) == (8, 2)
+    assert sd.miou == pytest.approx((0.35 + 0.25) / 2)
+    assert sd.mbiou == pytest.approx((0.35 + 0.25) / 2)
+    assert sd.rd == pytest.approx((0.5 + 1 / 3) / 2)
+    assert sd.block_biou["down-16"] == pytest.approx((0.45 + 0.35) / 2)
+    fd = _group(pooled, "gender", "fd", None)
+    assert fd.rd == pytest.approx(0.25)
+    assert fd.miou == pytest.approx((0.375 + 0.2) / 2)
+    assert _group(pooled, "race", "sd", None).rd == pytest.approx(0.875)
+
+
+def test_risk_difference_is_max_minus_min():
+    assert metrics.risk_difference([0.2, 0.8]) == pytest.approx(0.6)
+    assert metrics.risk_difference([0.5, 0.1, 0.3, 0.1]) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="at least one class"):
+        metrics.risk_difference([])
+
+
+def test_aggregation_matches_a_plain_python_groupby(tmp_path):
+    """Random store, 3 parts: every group's values equal a direct computation over the rows."""
+    rng = random.Random(7)
+    rows = []
+    for axis in ("gender", "race"):
+        for profession in ("doctor", "pilot", "waiter"):
+            for method, lambda_ in (("sd", 0), ("biasmap", 50), ("biasmap", 150)):
+                for seed in range(rng.randint(2, 6)):
+                    biou = [rng.random() for _ in BLOCKS]
+                    rows.append(
+                        make_row(profession, axis, seed, method, lambda_=lambda_,
+                                 iou=rng.random(), biou=biou, label=rng.choice(CLASSES[axis]))
+                    )  # fmt: skip
+    write_store(tmp_path, rows, parts=3)
+    groups = metrics.profession_metrics(metrics.read_store(tmp_path).table)
+    expected = defaultdict(list)
+    for row in rows:
+        expected[(row["axis"], row["method"], row["lambda_"], row["profession"])].append(row)
+    assert len(groups) == len(expected)
+    for group in groups:
+        members = expected[(group.axis, group.method, group.lambda_, group.profession)]
+        n = len(members)
+        assert group.n_images == n
+        assert group.miou == pytest.approx(sum(r["iou"] for r in members) / n)
+        assert group.mbiou == pytest.approx(sum(r["biou_mean"] for r in members) / n)
+        for index, block in enumerate(BLOCKS):
+            mean = sum(r["biou_values"][index] for r in members) / n
+            assert group.block_biou[block] == pytest.approx(mean)
+        freqs = [sum(r["clip_label"] == c for r in members) / n for c in CLASSES[group.axis]]
+        assert group.rd == pytest.approx(max(freqs) - min(freqs))
+
+
+def test_read_store_keeps_the_newest_row_of_a_duplicated_key(tmp_path):
+    rows = fixture_rows()
+    write_store(tmp_path, rows, parts=2)
+    newer = make_row(
+        "nurse", "gender", 3, "sd", iou=0.6, biou=[0.3, 0.1, 0.1, 0.3], label="male",
+        created_at=dt.datetime(2025, 2, 1, tzinfo=dt.timezone.utc),
+    )  # fmt: skip
+    write_store(tmp_path, [newer], parts=1)
+    store = metrics.read_store(tmp_path)
+    assert store.num_rows == len(rows)
+    assert store.duplicates_dropped == 1
+    nurse = _group(metrics.profession_metrics(store.table), "gender", "sd", "nurse")
+    assert nurse.miou == pytest.approx((0.4 + 0.3 + 0.5 + 0.6) / 4)
+
+
+def test_read_store_reports_and_skips_unreadable_parts(tmp_path):
+    write_store(tmp_path, fixture_rows(), parts=2)
+    parts = tmp_path / "parts"
+    (parts / "part-99999.parquet").write_bytes(b"PAR1 this is not parquet")
+    (parts / ".part-00007.parquet.tmp.parquet").write_bytes(b"half written")  # hidden: ignored
+    wrong = pa.table({"profession": ["nurse"], "iou": [0.1]})
+    pq.write_table(wrong, parts / "part-99998.parquet")
+    store = metrics.read_store(tmp_path)
+    skipped = dict(store.skipped_parts)
+    assert set(skipped) == {"part-99999.parquet", "part-99998.parquet"}
+    assert "missing columns" in skipped["part-99998.parquet"]
+    assert store.part_files == 4
+    assert store.num_rows == len(fixture_rows())
+
+
+def test_read_store_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="parts"):
+        metrics.read_store(tmp_path)
+    (tmp_path / "parts").mkdir()
+    with pytest.raises(ValueError, match="no readable part files"):
+        metrics.read_store(tmp_path)
+    write_store(tmp_path, fixture_rows(), parts=1)
+    with pytest.raises(ValueError, match="config_hash 'nope' is not in the store"):
+        metrics.read_store(tmp_path, config_hash="nope")
+
+
+def test_bad_rows_give_clear_errors(tmp_path):
+    row = make_row("nurse", "gender", 0, "sd", iou=0.1, biou=[0.1] * 4, label="male")
+    row["biou_values"] = [0.1, 0.2]
+    write_store(tmp_path / "a", [row], parts=1)
+    with pytest.raises(ValueError, match="4 biou_blocks but 2 biou_values"):
+        metrics.read_store(tmp_path / "a")
+    row = make_row("nurse", "gender", 0, "sd", iou=0.1, biou=[0.1] * 4, label="nonbinary")
+    write_store(tmp_path / "b", [row], parts=1)
+    with pytest.raises(ValueError, match=r"\['nonbinary'\] that are not among"):
+        metrics.profession_metrics(metrics.read_store(tmp_path / "b").table)
+
+
+def test_several_config_hashes_count_each_slot_once(tmp_path):
+    old = make_row("nurse", "gender", 0, "sd", iou=0.9, biou=[0.9] * 4, label="male")
+    new = make_row(
+        "nurse", "gender", 0, "sd", iou=0.1, biou=[0.1] * 4, label="male", config_hash="beef02",
+        created_at=dt.datetime(2025, 3, 1, tzinfo=dt.timezone.utc),
+    )  # fmt: skip
+    write_store(tmp_path, [old, new], parts=2)
+    store = metrics.read_store(tmp_path)
+    assert store.config_hashes == {"cafe01": 1, "beef02": 1}
+    assert store.table.column("iou").to_pylist() == [0.1]
+    only_old = metrics.read_store(tmp_path, config_hash="cafe01")
+    assert only_old.table.column("iou").to_pylist() == [0.9]
+
+
+def test_tables_lay_out_the_papers_tables(store):
+    per_profession = metrics.profession_metrics(store.table)
+    pooled = metrics.pooled_metrics(per_profession)
+    fid = {("gender", "fd", 0.0, None): 12.5}
+    summary = {t.id: t for t in metrics.summary_tables(pooled, fid)}
+    gender = summary["table-summary-gender"]
+    assert gender.columns == ["method", "professions", "images", "RD", "mIoU", "mBIoU", "FID"]
+    assert [row[0] for row in gender.rows] == ["sd", "biasmap (λ=100)", "biasmap (λ=200)", "fd"]
+    assert gender.rows[0][3:6] == pytest.approx([5 / 12, 0.3, 0.3])
+    assert gender.rows[3][6] == 12.5 and gender.rows[0][6] is None
+    assert gender.formatted(gender.rows[0])[3:] == ["0.417", "0.300", "0.300", "–"]
+
+    (table,) = [t for t in metrics.profession_tables(per_profession) if t.id.endswith("gender")]
+    assert [row[0] for row in table.rows] == ["chef", "nurse"]
+    assert table.header_groups == [("", 1), ("mIoU", 4), ("mBIoU", 4), ("RD", 4)]
+    assert table.csv_header()[1] == "mIoU / sd" and table.csv_header()[-1] == "RD / fd"
+    nurse = table.rows[1]
+    assert nurse[1] == pytest.approx(0.35) and nurse[9] == pytest.approx(0.5)
+
+    swept = metrics.lambda_tables(per_profession, pooled)
+    assert {t.id for t in swept} == {
+        f"table-lambda-{m}-gender-biasmap" for m in ("miou", "mbiou", "rd", "fid")
+    }
+    miou = next(t for t in swept if t.id == "table-lambda-miou-gender-biasmap")
+    assert miou.columns == ["profession", "λ=100", "λ=200"]
+    # nurse sd iou 0.4, 0.3, 0.5, 0.2 shifted down by 0.1 / 0.15.
+    assert miou.rows[1] == ["nurse", pytest.approx(0.25), pytest.approx(0.2)]
+    assert miou.rows[2][0] == "all (mean)"
+
+
+def test_no_lambda_table_without_a_sweep(tmp_path):
+    rows = [r for r in fixture_rows() if r["lambda_"] in (0.0, 100.0)]
+    write_store(tmp_path, rows)
+    groups = metrics.profession_metrics(metrics.read_store(tmp_path).table)
+    assert metrics.lambda_tables(groups, metrics.pooled_metrics(groups)) == []
+
+
+def test_table_csv_round_trip(tmp_path, store):
+    pooled = metrics.pooled_metrics(metrics.profession_metrics(store.table))
+    table = metrics.summary_tables(pooled)[0]
+    text = table.write_csv(tmp_path / "t.csv").read_text().splitlines()
+    assert text[0] == "method,professions,images,RD,mIoU,mBIoU,FID"
+    method, _, images, rd, *_ = text[1].split(",")
+    assert (method, images, float(rd)) == ("sd", "8", pytest.approx(5 / 12))
+
+
+def test_schema_is_what_the_fixture_writes():
+    # The fixture must keep writing the contract's schema, or the tests above prove nothing.
+    row = make_row("nurse", "gender", 0, "sd", iou=0.1, biou=[0.1] * 4, label="male")
+    assert pa.Table.from_pylist([row], schema=SCHEMA).schema == SCHEMA
