@@ -10,6 +10,7 @@ from collections import defaultdict
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from audit_fixtures import BLOCKS, CLASSES, fixture_rows, make_row, write_store
 
 from biasmap.audit import metrics
@@ -237,3 +238,110 @@ def test_schema_is_what_the_fixture_writes():
     # The fixture must keep writing the contract's schema, or the tests above prove nothing.
     row = make_row("nurse", "gender", 0, "sd", iou=0.1, biou=[0.1] * 4, label="male")
     assert pa.Table.from_pylist([row], schema=SCHEMA).schema == SCHEMA
+
+
+# --------------------------------------------------------------------------- CLIP classifier
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_classifier():
+    from biasmap.audit.clip import ClipClassifier
+
+    return ClipClassifier("tiny", batch_size=3)
+
+
+def _random_images(count, seed=0, sizes=((64, 48), (37, 90), (32, 32))):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [
+        Image.fromarray(rng.integers(0, 256, (*sizes[i % len(sizes)], 3), dtype=np.uint8))
+        for i in range(count)
+    ]
+
+
+GENDER_PROMPTS = ["a photo of a male", "a photo of a female"]
+RACE_PROMPTS = [f"a photo of a {c} person" for c in CLASSES["race"]]
+
+
+def test_clip_classify_gives_probability_rows(tiny_clip_classifier):
+    images = _random_images(7)
+    probs = tiny_clip_classifier.classify(images, RACE_PROMPTS)
+    assert probs.shape == (7, 4) and probs.dtype == torch.float32
+    assert torch.allclose(probs.sum(dim=1), torch.ones(7), atol=1e-6)
+    assert (probs > 0).all()
+    # Not a constant: random-weight CLIP still tells random images apart.
+    assert probs.std(dim=0).max() > 1e-4
+
+
+def test_clip_classify_is_deterministic_and_batch_independent(tiny_clip_classifier):
+    from biasmap.audit.clip import ClipClassifier
+
+    images = _random_images(7)
+    batched = tiny_clip_classifier.classify(images, GENDER_PROMPTS)  # batches of 3, 3, 1
+    one_by_one = torch.cat([tiny_clip_classifier.classify([im], GENDER_PROMPTS) for im in images])
+    torch.testing.assert_close(batched, one_by_one, atol=1e-6, rtol=0)
+    again = ClipClassifier("tiny", batch_size=7).classify(images, GENDER_PROMPTS)
+    torch.testing.assert_close(batched, again, atol=1e-6, rtol=0)
+    other_weights = ClipClassifier("tiny", seed=1).classify(images, GENDER_PROMPTS)
+    assert not torch.allclose(batched, other_weights)
+
+
+def test_clip_classify_equals_transformers_clip_forward(tiny_clip_classifier):
+    """Independent reference: transformers' own CLIP image processor (its PIL backend) and
+    CLIPModel.forward's logits_per_image."""
+    processor_module = pytest.importorskip("transformers.models.clip.image_processing_pil_clip")
+    classifier = tiny_clip_classifier
+    images = _random_images(5, seed=3)
+    processor = processor_module.CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(classifier.preprocess(images), pixels, atol=1e-6, rtol=0)
+    tokens = classifier.tokenizer(RACE_PROMPTS, padding="max_length", max_length=77,
+                                  return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        logits = classifier.model(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+            pixel_values=pixels,
+        ).logits_per_image  # fmt: skip
+    expected = logits.softmax(dim=-1)
+    torch.testing.assert_close(classifier.classify(images, RACE_PROMPTS), expected, atol=1e-5,
+                               rtol=0)  # fmt: skip
+
+
+def test_clip_text_embeddings_are_cached(tiny_clip_classifier):
+    first = tiny_clip_classifier.text_embeddings(GENDER_PROMPTS)
+    assert tiny_clip_classifier.text_embeddings(GENDER_PROMPTS) is first
+    assert first.shape == (2, 16)
+    torch.testing.assert_close(first.norm(dim=-1), torch.ones(2))
+
+
+def test_clip_errors_name_what_is_wrong(tmp_path, tiny_clip_classifier):
+    from biasmap.audit.clip import ClipClassifier
+    from biasmap.models import ModelNotAvailableError
+
+    with pytest.raises(ModelNotAvailableError, match="does not exist.*tiny"):
+        ClipClassifier(str(tmp_path / "no-such-clip"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotAvailableError, match="Could not load the CLIP weights"):
+        ClipClassifier(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="at least one prompt"):
+        tiny_clip_classifier.classify(_random_images(1), [])
+    with pytest.raises(TypeError, match="PIL images"):
+        tiny_clip_classifier.classify([torch.zeros(3, 8, 8)], GENDER_PROMPTS)
+
+
+def test_clip_local_folder_round_trip(tmp_path, tiny_clip_classifier):
+    """A folder written by save_pretrained loads through the real from_pretrained path."""
+    from biasmap.audit.clip import ClipClassifier
+
+    tiny_clip_classifier.model.save_pretrained(tmp_path / "clip")
+    tiny_clip_classifier.tokenizer.save_pretrained(tmp_path / "clip")
+    loaded = ClipClassifier(str(tmp_path / "clip"))
+    images = _random_images(3)
+    torch.testing.assert_close(
+        loaded.classify(images, GENDER_PROMPTS),
+        tiny_clip_classifier.classify(images, GENDER_PROMPTS),
+    )
