@@ -151,3 +151,45 @@ def fixture_rows() -> list[dict[str, Any]]:
                 )
             )
     return rows
+
+
+def tiny_feature_net(seed: int = 0, features: int = 4):
+    """A small random conv net in place of Inception: [B, 3, H, W] in [0, 1] -> [B, features]."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, stride=2),
+        nn.Tanh(),
+        nn.Conv2d(6, features, 3, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ).eval()
+
+
+def image_store_rows(run_dir: Path, seeds: int = 10, size: int = 32) -> list[dict[str, Any]]:
+    """Rows with real PNGs under RUN_DIR/images: nurse and chef (gender) x {sd, fd, biasmap@100}.
+
+    Each method shifts the pixel statistics differently, so the FIDs differ.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    shift = {"sd": 0.0, "fd": 0.15, "biasmap": -0.2}
+    rows = []
+    for profession in ("nurse", "chef"):
+        for method, lambda_ in (("sd", 0.0), ("fd", 0.0), ("biasmap", 100.0)):
+            for seed in range(seeds):
+                base = rng.random((size, size, 3)) * 0.6 + 0.2 + shift[method]
+                pixels = (np.clip(base, 0, 1) * 255).astype(np.uint8)
+                relative = f"images/gender/{profession}/{method}_l{lambda_:g}_s{seed}.png"
+                (run_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(run_dir / relative)
+                label = "male" if (seed + len(method)) % 3 else "female"
+                rows.append(
+                    make_row(profession, "gender", seed, method, lambda_=lambda_,
+                             iou=0.2 + 0.01 * seed, biou=[0.3, 0.2, 0.1, 0.4], label=label,
+                             image_path=relative)
+                )  # fmt: skip
+    return rows

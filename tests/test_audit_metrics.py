@@ -345,3 +345,165 @@ def test_clip_local_folder_round_trip(tmp_path, tiny_clip_classifier):
         loaded.classify(images, GENDER_PROMPTS),
         tiny_clip_classifier.classify(images, GENDER_PROMPTS),
     )
+
+
+# --------------------------------------------------------------------------- FID
+
+
+def _reference_fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Fréchet distance in float64 through the symmetric form: tr sqrt(S1 S2) equals
+    tr sqrt(S1^1/2 S2 S1^1/2), whose square root comes from eigh (torchmetrics uses eigvals
+    of the non-symmetric product)."""
+    real, fake = real.double(), fake.double()
+    mu_r, mu_f = real.mean(0), fake.mean(0)
+    cov_r = (real - mu_r).T @ (real - mu_r) / (len(real) - 1)
+    cov_f = (fake - mu_f).T @ (fake - mu_f) / (len(fake) - 1)
+    values, vectors = torch.linalg.eigh(cov_r)
+    root_r = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
+    middle = torch.linalg.eigvalsh(root_r @ cov_f @ root_r).clamp_min(0).sqrt().sum()
+    return float((mu_r - mu_f).square().sum() + cov_r.trace() + cov_f.trace() - 2 * middle)
+
+
+def _features_by_hand(run_dir, rows, net):
+    import numpy as np
+    from PIL import Image
+
+    features = {}
+    for row in rows:
+        pixels = np.asarray(Image.open(run_dir / row["image_path"]).convert("RGB")) / 255.0
+        image = torch.tensor(pixels, dtype=torch.float32).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            features[(row["profession"], row["method"], row["seed"])] = net(image)[0].double()
+    return features
+
+
+@pytest.fixture
+def image_run(tmp_path):
+    from audit_fixtures import image_store_rows
+
+    rows = image_store_rows(tmp_path)
+    # nurse's sd image of seed 9 is absent: nurse's fd / biasmap seed 9 have no pair.
+    rows = [r for r in rows if not (r["profession"], r["method"], r["seed"]) == ("nurse", "sd", 9)]
+    write_store(tmp_path, rows, parts=2)
+    return tmp_path, rows
+
+
+def test_fid_equals_independent_float64_computation_on_paired_images(image_run):
+    from audit_fixtures import tiny_feature_net
+
+    from biasmap.audit.fid import fid_scores
+
+    run_dir, rows = image_run
+    net = tiny_feature_net()
+    scores = fid_scores(run_dir, metrics.read_store(run_dir).table, feature=net, batch_size=4)
+    assert scores.unavailable is None
+    features = _features_by_hand(run_dir, rows, net)
+
+    def expected(method, professions):
+        real, fake = [], []
+        for profession in professions:
+            for seed in range(10):
+                if (profession, "sd", seed) in features:  # paired on prompt and seed
+                    real.append(features[(profession, "sd", seed)])
+                    fake.append(features[(profession, method, seed)])
+        return _reference_fid(torch.stack(real), torch.stack(fake)), len(real)
+
+    for method, lambda_ in (("fd", 0.0), ("biasmap", 100.0)):
+        for profession in ("nurse", "chef", None):
+            value, pairs = expected(method, [profession] if profession else ["nurse", "chef"])
+            key = ("gender", method, lambda_, profession)
+            assert scores.pairs[key] == pairs
+            assert scores.values[key] == pytest.approx(value, rel=1e-6, abs=1e-9)
+    assert scores.pairs[("gender", "fd", 0.0, "nurse")] == 9  # seed 9 has no sd image
+    assert ("gender", "sd", 0.0, None) not in scores.values  # the reference itself: no FID
+    assert any("no sd image" in note for note in scores.notes)
+    # The values differ between methods (the fixture shifts their pixels differently).
+    assert scores.values[("gender", "fd", 0.0, None)] != pytest.approx(
+        scores.values[("gender", "biasmap", 100.0, None)]
+    )
+
+
+def test_fid_unpaired_seed_would_change_the_value(image_run):
+    """The pairing matters: including nurse's unpaired seed 9 gives another number."""
+    from audit_fixtures import tiny_feature_net
+
+    from biasmap.audit.fid import fid_scores
+
+    run_dir, rows = image_run
+    net = tiny_feature_net()
+    features = _features_by_hand(run_dir, rows, net)
+    scores = fid_scores(run_dir, metrics.read_store(run_dir).table, feature=net)
+    real = torch.stack([features[("nurse", "sd", s)] for s in range(9)])
+    all_fake = torch.stack([features[("nurse", "fd", s)] for s in range(10)])
+    wrong = _reference_fid(real, all_fake)
+    assert scores.values[("gender", "fd", 0.0, "nurse")] != pytest.approx(wrong, rel=1e-6)
+
+
+def test_fid_is_unavailable_with_the_reason(image_run, tmp_path):
+    from biasmap.audit.fid import fid_scores
+
+    run_dir, rows = image_run
+    table = metrics.read_store(run_dir).table
+    none = fid_scores(run_dir, table)
+    assert none.values == {} and "no FID Inception weights configured" in none.unavailable
+    absent = fid_scores(run_dir, table, weights=tmp_path / "nope.pth")
+    assert absent.values == {} and "nope.pth' not found" in absent.unavailable
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a state dict")
+    unreadable = fid_scores(run_dir, table, weights=garbage)
+    assert "could not read FID Inception weights" in unreadable.unavailable
+    no_sd = table.filter(pa.compute.not_equal(table.column("method"), "sd"))
+    assert "no 'sd' images" in fid_scores(run_dir, no_sd).unavailable
+
+
+def test_fid_inception_has_the_reference_architecture():
+    from biasmap.audit.fid import FidInceptionV3
+
+    torch.manual_seed(0)
+    net = FidInceptionV3().eval()
+    # torchvision documents 27,161,264 parameters for Inception-v3 with its auxiliary head
+    # (3,326,696) and 1000-way classifier (2,049,000); the feature network is the rest.
+    assert sum(p.numel() for p in net.parameters()) == 27_161_264 - 3_326_696 - 2_049_000
+    state = net.state_dict()
+    assert state["Mixed_7c.branch_pool.conv.weight"].shape == (192, 2048, 1, 1)
+    assert state["Mixed_6e.branch7x7dbl_5.conv.weight"].shape == (192, 192, 1, 7)
+    assert state["Conv2d_1a_3x3.bn.running_var"].shape == (32,)
+    # One forward (any input size is resized to 299): 2048 non-negative pooled ReLU features.
+    with torch.no_grad():
+        features = net(torch.rand(1, 3, 40, 56))
+    assert features.shape == (1, 2048) and (features >= 0).all() and features.max() > 0
+
+
+def test_fid_inception_loads_reference_style_weight_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from biasmap.audit.fid import FidInceptionV3, FidUnavailableError, load_fid_inception
+
+    torch.manual_seed(0)
+    source = FidInceptionV3()
+    for module in source.modules():  # BatchNorm statistics are buffers: they must load too
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    state = dict(source.state_dict())
+    # The reference file also holds the 1008-way classifier, which FID does not use.
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)
+    torch.save(state, tmp_path / "pt_inception.pth")
+    torch.save({"state_dict": state}, tmp_path / "nested.pt")
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "inception.safetensors")
+    expected = source.state_dict()
+    for name in ("pt_inception.pth", "nested.pt", "inception.safetensors"):
+        loaded = load_fid_inception(tmp_path / name)
+        assert not loaded.training
+        got = loaded.state_dict()
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            assert torch.equal(got[key], value), (name, key)
+    del state["Mixed_5b.branch1x1.conv.weight"]
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(FidUnavailableError, match=r"1 missing keys \['Mixed_5b.branch1x1"):
+        load_fid_inception(tmp_path / "partial.pth")
+    state["Mixed_5b.branch1x1.conv.weight"] = torch.zeros(64, 192, 3, 3)  # wrong shape
+    torch.save(state, tmp_path / "misshapen.pth")
+    with pytest.raises(FidUnavailableError, match="does not fit"):
+        load_fid_inception(tmp_path / "misshapen.pth")
