@@ -153,19 +153,39 @@ def fixture_rows() -> list[dict[str, Any]]:
     return rows
 
 
-def tiny_feature_net(seed: int = 0, features: int = 4):
-    """A small random conv net in place of Inception: [B, 3, H, W] in [0, 1] -> [B, features]."""
+def tiny_feature_net(seed: int = 0, features: int = 4, gain: float = 1.0):
+    """A small random conv net in place of Inception: [B, 3, H, W] in [0, 1] -> [B, features].
+
+    gain scales the output layer (FID scales with its square), for readable 2-digit values.
+    """
     import torch
     from torch import nn
 
     torch.manual_seed(seed)
-    return nn.Sequential(
+    net = nn.Sequential(
         nn.Conv2d(3, 6, 3, stride=2),
         nn.Tanh(),
         nn.Conv2d(6, features, 3, stride=2),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
     ).eval()
+    with torch.no_grad():
+        net[2].weight.mul_(gain)
+        net[2].bias.mul_(gain)
+    return net
+
+
+def write_row_images(run_dir: Path, rows: list[dict[str, Any]], size: int = 24) -> None:
+    """A random PNG at every row's image_path; each method and lambda shifts the pixels."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for row in rows:
+        shift = {"sd": 0.0, "fd": 0.1}.get(row["method"], -row["lambda_"] / 1000)
+        pixels = np.clip(rng.random((size, size, 3)) * 0.6 + 0.2 + shift, 0, 1)
+        path = Path(run_dir) / row["image_path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
 
 
 def image_store_rows(run_dir: Path, seeds: int = 10, size: int = 32) -> list[dict[str, Any]]:

@@ -550,4 +550,5 @@ def lambda_tables(
 
 
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text).strip("-")
+    """ASCII letters, digits and dashes, for ids and file names."""
+    return "".join(c if c.isascii() and c.isalnum() else "-" for c in text).strip("-")
