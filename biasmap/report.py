@@ -99,7 +99,7 @@ def _block_chart_per_profession(groups: Sequence[GroupMetrics], title: str, path
     for group in groups:
         values = [group.block_biou.get(b, float("nan")) for b in blocks]
         axis.plot(positions, values, marker="o", linewidth=1, alpha=0.8, label=group.profession)
-    mean = [audit_metrics._mean(g.block_biou.get(b) for g in groups) for b in blocks]
+    mean = [audit_metrics.mean_of(g.block_biou.get(b) for g in groups) for b in blocks]
     axis.plot(positions, [float("nan") if v is None else v for v in mean], color="black",
               linewidth=2.5, linestyle="--", label="mean")  # fmt: skip
     axis.set_xticks(list(positions), blocks)
@@ -233,27 +233,32 @@ def _examples(
         )
     result = {}
     for axis, (professions, methods, cells) in per_axis.items():
-        ordered = sorted(methods, key=lambda k: (audit_metrics._method_rank(k[0]), k[1]))
+        ordered = sorted(methods, key=lambda k: (audit_metrics.method_rank(k[0]), k[1]))
         result[axis] = (sorted(professions), [methods[k] for k in ordered], cells)
-    return dict(sorted(result.items(), key=lambda item: audit_metrics._axis_rank(item[0])))
+    return dict(sorted(result.items(), key=lambda item: audit_metrics.axis_rank(item[0])))
 
 
 # --------------------------------------------------------------------------- tables
 
 
-def _block_tables(per_profession: Sequence[GroupMetrics]) -> list[Table]:
-    """Per axis: mean BIoU per block for each (method, profession), the data of Figures 4-6."""
+def _block_tables(
+    per_profession: Sequence[GroupMetrics], pooled: Sequence[GroupMetrics]
+) -> list[Table]:
+    """Per axis: mean BIoU per block for each (method, profession) and the mean over
+    professions ("all (mean)"), the data of Figures 4-6."""
     tables = []
     by_axis: dict[str, list[GroupMetrics]] = defaultdict(list)
-    for group in per_profession:
+    for group in [*per_profession, *pooled]:
         by_axis[group.axis].append(group)
-    for axis in sorted(by_axis, key=audit_metrics._axis_rank):
+    for axis in sorted(by_axis, key=audit_metrics.axis_rank):
         groups = by_axis[axis]
         blocks = _blocks_of(groups)
         rows = [
-            [method_label(g.method, g.lambda_), g.profession,
+            [method_label(g.method, g.lambda_), g.profession or "all (mean)",
              *[g.block_biou.get(b) for b in blocks], g.mbiou]
-            for g in groups
+            for g in sorted(groups, key=lambda g: (audit_metrics.method_rank(g.method),
+                                                   g.lambda_, g.profession is None,
+                                                   g.profession or ""))
         ]  # fmt: skip
         tables.append(
             Table(
@@ -273,8 +278,8 @@ def _fid_table(fid_scores) -> Table:
          fid_scores.pairs[(axis, method, lambda_, profession)], value]
         for (axis, method, lambda_, profession), value in sorted(
             fid_scores.values.items(),
-            key=lambda item: (audit_metrics._axis_rank(item[0][0]),
-                              audit_metrics._method_rank(item[0][1]), item[0][2],
+            key=lambda item: (audit_metrics.axis_rank(item[0][0]),
+                              audit_metrics.method_rank(item[0][1]), item[0][2],
                               item[0][3] is None, item[0][3] or ""),
         )
     ]  # fmt: skip
@@ -433,7 +438,7 @@ def write_report(
     profession_tables = audit_metrics.profession_tables(per_profession)
     lambda_tables = audit_metrics.lambda_tables(per_profession, pooled, fid.values, fid_note)
     fid_table = _fid_table(fid)
-    block_tables = _block_tables(per_profession)
+    block_tables = _block_tables(per_profession, pooled)
     for table in [*summary_tables, *profession_tables, *lambda_tables, fid_table,
                   *block_tables]:  # fmt: skip
         table.write_csv(report_dir / "tables" / f"{table.id}.csv")
@@ -446,7 +451,7 @@ def write_report(
         if not _blocks_of(groups):
             continue
         lambda_ = groups[0].lambda_
-        slug = audit_metrics._slug(
+        slug = audit_metrics.slug(
             f"{axis}-{groups[0].method}" + (f"-lambda-{lambda_:g}" if lambda_ else "")
         )
         name = f"figures/blocks-{slug}.png"
@@ -455,7 +460,7 @@ def write_report(
         block_figures.append(Figure(f"fig-blocks-{slug}", f"Profession-{axis} entanglement "
                                     f"(mean BIoU) across UNet blocks, {label} (Figures 4-5).",
                                     name))  # fmt: skip
-    for axis in sorted({g.axis for g in per_profession}, key=audit_metrics._axis_rank):
+    for axis in sorted({g.axis for g in per_profession}, key=audit_metrics.axis_rank):
         groups = [g for g in per_profession if g.axis == axis]
         if not _blocks_of(groups):
             continue
@@ -469,7 +474,7 @@ def write_report(
     lambda_figures = []
     for (axis, method), _ in audit_metrics.swept_methods(per_profession).items():
         groups = [g for g in pooled if g.axis == axis and g.method == method]
-        slug = audit_metrics._slug(f"{axis}-{method}")
+        slug = audit_metrics.slug(f"{axis}-{method}")
         name = f"figures/lambda-{slug}.png"
         against = _lambda_chart(groups, fid.values, axis, method, report_dir / name)
         lambda_figures.append(Figure(f"fig-lambda-{slug}", f"{method} on {axis}: mIoU, mBIoU "

@@ -142,6 +142,8 @@ def test_report_has_every_table_with_the_fixture_numbers(full_run):
     blocks = report.tables["table-blocks-gender"]
     assert blocks[0] == ["method", "profession", "down-16", "down-8", "up-8", "up-16", "mBIoU"]
     assert ["sd", "nurse", "0.450", "0.250", "0.200", "0.500", "0.350"] in blocks
+    # ... and the mean over nurse and chef (0.35, 0.2, 0.15, 0.3) per block.
+    assert ["sd", "all (mean)", "0.400", "0.225", "0.175", "0.400", "0.300"] in blocks
 
     # Every table has its CSV, at full precision.
     for table_id in EXPECTED_TABLES:

@@ -277,7 +277,8 @@ def profession_metrics(rows: pa.Table) -> list[GroupMetrics]:
     return sorted(results, key=_group_sort_key)
 
 
-def _mean(values: Iterable[float | None]) -> float | None:
+def mean_of(values: Iterable[float | None]) -> float | None:
+    """Mean of the values that are not None; None when there are none."""
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
 
@@ -302,13 +303,13 @@ def pooled_metrics(per_profession: Sequence[GroupMetrics]) -> list[GroupMetrics]
                 lambda_=lambda_,
                 profession=None,
                 n_images=sum(g.n_images for g in groups),
-                miou=_mean(g.miou for g in groups),
-                mbiou=_mean(g.mbiou for g in groups),
-                rd=_mean(g.rd for g in groups),
+                miou=mean_of(g.miou for g in groups),
+                mbiou=mean_of(g.mbiou for g in groups),
+                rd=mean_of(g.rd for g in groups),
                 class_frequencies={
-                    c: _mean(g.class_frequencies.get(c) for g in groups) for c in classes
+                    c: mean_of(g.class_frequencies.get(c) for g in groups) for c in classes
                 },
-                block_biou={b: _mean(g.block_biou.get(b) for g in groups) for b in blocks},
+                block_biou={b: mean_of(g.block_biou.get(b) for g in groups) for b in blocks},
                 n_professions=len(groups),
             )
         )
@@ -318,20 +319,22 @@ def pooled_metrics(per_profession: Sequence[GroupMetrics]) -> list[GroupMetrics]
 # --------------------------------------------------------------------------- ordering, labels
 
 
-def _method_rank(method: str) -> tuple[int, str]:
+def method_rank(method: str) -> tuple[int, str]:
+    """Sort key: the paper's method order (biasmap.mitigation.methods.METHODS), then by name."""
     from biasmap.mitigation.methods import METHODS
 
     return (METHODS.index(method) if method in METHODS else len(METHODS), method)
 
 
-def _axis_rank(axis: str) -> tuple[int, str]:
+def axis_rank(axis: str) -> tuple[int, str]:
+    """Sort key: gender, race, then other axes by name."""
     return (AXIS_ORDER.index(axis) if axis in AXIS_ORDER else len(AXIS_ORDER), axis)
 
 
 def _group_sort_key(metrics: GroupMetrics) -> tuple:
     return (
-        _axis_rank(metrics.axis),
-        _method_rank(metrics.method),
+        axis_rank(metrics.axis),
+        method_rank(metrics.method),
         metrics.lambda_,
         metrics.profession or "",
     )
@@ -402,7 +405,7 @@ FidLookup = dict[tuple[str, str, float, str | None], float]
 
 
 def _axes(groups: Iterable[GroupMetrics]) -> list[str]:
-    return sorted({g.axis for g in groups}, key=_axis_rank)
+    return sorted({g.axis for g in groups}, key=axis_rank)
 
 
 def summary_tables(
@@ -446,7 +449,7 @@ def summary_tables(
 
 def _method_columns(groups: Iterable[GroupMetrics]) -> list[tuple[str, float]]:
     keys = {(g.method, g.lambda_) for g in groups}
-    return sorted(keys, key=lambda key: (_method_rank(key[0]), key[1]))
+    return sorted(keys, key=lambda key: (method_rank(key[0]), key[1]))
 
 
 def profession_tables(per_profession: Sequence[GroupMetrics]) -> list[Table]:
@@ -512,7 +515,7 @@ def lambda_tables(
     )
     for (axis, method), lambdas in sorted(
         swept_methods(per_profession).items(),
-        key=lambda item: (_axis_rank(item[0][0]), _method_rank(item[0][1])),
+        key=lambda item: (axis_rank(item[0][0]), method_rank(item[0][1])),
     ):
         groups = [g for g in [*per_profession, *pooled] if g.axis == axis and g.method == method]
         professions = sorted({g.profession for g in groups if g.profession is not None})
@@ -538,7 +541,7 @@ def lambda_tables(
                 rows.append(row)
             tables.append(
                 Table(
-                    id=f"table-lambda-{attribute}-{axis}-{_slug(method)}",
+                    id=f"table-lambda-{attribute}-{axis}-{slug(method)}",
                     caption=f"{name} vs λ for {method} on {axis} (paper Table {paper_table}).",
                     columns=["profession", *[f"λ={lam:g}" for lam in lambdas]],
                     rows=rows,
@@ -549,6 +552,6 @@ def lambda_tables(
     return tables
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     """ASCII letters, digits and dashes, for ids and file names."""
     return "".join(c if c.isascii() and c.isalnum() else "-" for c in text).strip("-")
