@@ -100,14 +100,21 @@ def _block_chart_per_profession(groups: Sequence[GroupMetrics], title: str, path
         values = [group.block_biou.get(b, float("nan")) for b in blocks]
         axis.plot(positions, values, marker="o", linewidth=1, alpha=0.8, label=group.profession)
     mean = [audit_metrics.mean_of(g.block_biou.get(b) for g in groups) for b in blocks]
-    axis.plot(positions, [float("nan") if v is None else v for v in mean], color="black",
-              linewidth=2.5, linestyle="--", label="mean")  # fmt: skip
+    axis.plot(
+        positions,
+        [float("nan") if v is None else v for v in mean],
+        color="black",
+        linewidth=2.5,
+        linestyle="--",
+        label="mean",
+    )
     axis.set_xticks(list(positions), blocks)
     axis.set_ylabel("mean BIoU")
     axis.set_ylim(0, 1)
     axis.set_title(title)
-    axis.legend(fontsize=7, ncol=2 if len(groups) > 8 else 1, bbox_to_anchor=(1.01, 1),
-                loc="upper left")  # fmt: skip
+    axis.legend(
+        fontsize=7, ncol=2 if len(groups) > 8 else 1, bbox_to_anchor=(1.01, 1), loc="upper left"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
@@ -120,14 +127,18 @@ def _block_chart_per_method(groups: Sequence[GroupMetrics], title: str, path: Pa
     blocks = _blocks_of(groups)
     columns = min(4, len(professions))
     rows = -(-len(professions) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.8 * rows),
-                                squeeze=False, sharey=True)  # fmt: skip
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(3.6 * columns, 2.8 * rows), squeeze=False, sharey=True
+    )
     labels = list(dict.fromkeys(method_label(g.method, g.lambda_) for g in groups))
     for index, profession in enumerate(professions):
         axis = axes[index // columns][index % columns]
         for label in labels:
-            found = [g for g in groups if g.profession == profession
-                     and method_label(g.method, g.lambda_) == label]  # fmt: skip
+            found = [
+                g
+                for g in groups
+                if g.profession == profession and method_label(g.method, g.lambda_) == label
+            ]
             if found:
                 values = [found[0].block_biou.get(b, float("nan")) for b in blocks]
                 axis.plot(range(len(blocks)), values, marker="o", linewidth=1, label=label)
@@ -161,8 +172,9 @@ def _lambda_chart(
     for attribute, name in (("miou", "mIoU"), ("mbiou", "mBIoU"), ("rd", "RD")):
         values = [getattr(g, attribute) for g in groups]
         if any(v is not None for v in values):
-            left.plot(lambdas, [float("nan") if v is None else v for v in values], marker="o",
-                      label=name)  # fmt: skip
+            left.plot(
+                lambdas, [float("nan") if v is None else v for v in values], marker="o", label=name
+            )
     left.set_xlabel("λ")
     left.set_ylabel("value (lower is better)")
     left.legend(fontsize=8)
@@ -172,12 +184,14 @@ def _lambda_chart(
         x_values, x_name = fids, "FID vs sd (lower is better)"
     else:
         x_values, x_name = [g.rd for g in groups], "RD (FID unavailable)"
-    points = [(x, g.miou, g.lambda_) for x, g in zip(x_values, groups, strict=True)
-              if x is not None and g.miou is not None]  # fmt: skip
+    points = [
+        (x, g.miou, g.lambda_)
+        for x, g in zip(x_values, groups, strict=True)
+        if x is not None and g.miou is not None
+    ]
     right.plot([p[0] for p in points], [p[1] for p in points], marker="o", color="#aa3333")
     for x, y, lam in points:
-        right.annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(4, 4),
-                       fontsize=7)  # fmt: skip
+        right.annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     right.set_xlabel(x_name)
     right.set_ylabel("mIoU")
     right.set_title("trade-off", fontsize=10)
@@ -209,8 +223,9 @@ def _examples(
 ) -> dict[str, tuple[list[str], list[str], dict[tuple[str, str], Example]]]:
     """Per axis: (professions, method labels, the lowest seed's image of each cell)."""
     chosen: dict[tuple[str, str, str], dict] = {}
-    for row in rows.select(["profession", "axis", "seed", "method", "lambda_", "image_path",
-                            "iou", "clip_label"]).to_pylist():  # fmt: skip
+    for row in rows.select(
+        ["profession", "axis", "seed", "method", "lambda_", "image_path", "iou", "clip_label"]
+    ).to_pylist():
         key = (row["axis"], row["profession"], method_label(row["method"], row["lambda_"]))
         if key not in chosen or row["seed"] < chosen[key]["seed"]:
             chosen[key] = row
@@ -254,12 +269,22 @@ def _block_tables(
         groups = by_axis[axis]
         blocks = _blocks_of(groups)
         rows = [
-            [method_label(g.method, g.lambda_), g.profession or "all (mean)",
-             *[g.block_biou.get(b) for b in blocks], g.mbiou]
-            for g in sorted(groups, key=lambda g: (audit_metrics.method_rank(g.method),
-                                                   g.lambda_, g.profession is None,
-                                                   g.profession or ""))
-        ]  # fmt: skip
+            [
+                method_label(g.method, g.lambda_),
+                g.profession or "all (mean)",
+                *[g.block_biou.get(b) for b in blocks],
+                g.mbiou,
+            ]
+            for g in sorted(
+                groups,
+                key=lambda g: (
+                    audit_metrics.method_rank(g.method),
+                    g.lambda_,
+                    g.profession is None,
+                    g.profession or "",
+                ),
+            )
+        ]
         tables.append(
             Table(
                 id=f"table-blocks-{axis}",
@@ -274,15 +299,24 @@ def _block_tables(
 
 def _fid_table(fid_scores) -> Table:
     rows = [
-        [axis, method_label(method, lambda_), profession or "all (pooled)",
-         fid_scores.pairs[(axis, method, lambda_, profession)], value]
+        [
+            axis,
+            method_label(method, lambda_),
+            profession or "all (pooled)",
+            fid_scores.pairs[(axis, method, lambda_, profession)],
+            value,
+        ]
         for (axis, method, lambda_, profession), value in sorted(
             fid_scores.values.items(),
-            key=lambda item: (audit_metrics.axis_rank(item[0][0]),
-                              audit_metrics.method_rank(item[0][1]), item[0][2],
-                              item[0][3] is None, item[0][3] or ""),
+            key=lambda item: (
+                audit_metrics.axis_rank(item[0][0]),
+                audit_metrics.method_rank(item[0][1]),
+                item[0][2],
+                item[0][3] is None,
+                item[0][3] or "",
+            ),
         )
-    ]  # fmt: skip
+    ]
     note = None
     if fid_scores.unavailable:
         note = f"FID unavailable: {fid_scores.unavailable}"
@@ -430,8 +464,14 @@ def write_report(
     pooled = audit_metrics.pooled_metrics(per_profession)
     if fid_weights is None and fid_feature is None:
         fid_weights = _find_option(read_run_config(run_dir), "fid_weights")
-    fid = fid_scores(run_dir, store.table, feature=fid_feature, weights=fid_weights,
-                     device=device, progress=progress)  # fmt: skip
+    fid = fid_scores(
+        run_dir,
+        store.table,
+        feature=fid_feature,
+        weights=fid_weights,
+        device=device,
+        progress=progress,
+    )
     fid_note = f"FID unavailable: {fid.unavailable}" if fid.unavailable else None
 
     summary_tables = audit_metrics.summary_tables(pooled, fid.values, fid_note)
@@ -439,8 +479,7 @@ def write_report(
     lambda_tables = audit_metrics.lambda_tables(per_profession, pooled, fid.values, fid_note)
     fid_table = _fid_table(fid)
     block_tables = _block_tables(per_profession, pooled)
-    for table in [*summary_tables, *profession_tables, *lambda_tables, fid_table,
-                  *block_tables]:  # fmt: skip
+    for table in [*summary_tables, *profession_tables, *lambda_tables, fid_table, *block_tables]:
         table.write_csv(report_dir / "tables" / f"{table.id}.csv")
 
     block_figures = []
@@ -455,21 +494,28 @@ def write_report(
             f"{axis}-{groups[0].method}" + (f"-lambda-{lambda_:g}" if lambda_ else "")
         )
         name = f"figures/blocks-{slug}.png"
-        _block_chart_per_profession(groups, f"{axis}: per-block BIoU, {label}",
-                                    report_dir / name)  # fmt: skip
-        block_figures.append(Figure(f"fig-blocks-{slug}", f"Profession-{axis} entanglement "
-                                    f"(mean BIoU) across UNet blocks, {label} (Figures 4-5).",
-                                    name))  # fmt: skip
+        _block_chart_per_profession(groups, f"{axis}: per-block BIoU, {label}", report_dir / name)
+        block_figures.append(
+            Figure(
+                f"fig-blocks-{slug}",
+                f"Profession-{axis} entanglement "
+                f"(mean BIoU) across UNet blocks, {label} (Figures 4-5).",
+                name,
+            )
+        )
     for axis in sorted({g.axis for g in per_profession}, key=audit_metrics.axis_rank):
         groups = [g for g in per_profession if g.axis == axis]
         if not _blocks_of(groups):
             continue
         name = f"figures/blocks-by-method-{axis}.png"
-        _block_chart_per_method(groups, f"{axis}: per-block BIoU by method",
-                                report_dir / name)  # fmt: skip
-        block_figures.append(Figure(f"fig-blocks-by-method-{axis}", f"Profession-{axis} BIoU "
-                                    "across UNet blocks per profession, by method (Figure 6).",
-                                    name))  # fmt: skip
+        _block_chart_per_method(groups, f"{axis}: per-block BIoU by method", report_dir / name)
+        block_figures.append(
+            Figure(
+                f"fig-blocks-by-method-{axis}",
+                f"Profession-{axis} BIoU across UNet blocks per profession, by method (Figure 6).",
+                name,
+            )
+        )
 
     lambda_figures = []
     for (axis, method), _ in audit_metrics.swept_methods(per_profession).items():
@@ -477,9 +523,15 @@ def write_report(
         slug = audit_metrics.slug(f"{axis}-{method}")
         name = f"figures/lambda-{slug}.png"
         against = _lambda_chart(groups, fid.values, axis, method, report_dir / name)
-        lambda_figures.append(Figure(f"fig-lambda-{slug}", f"{method} on {axis}: mIoU, mBIoU "
-                                     f"and RD vs λ, and mIoU vs {against}, pooled over "
-                                     "professions.", name))  # fmt: skip
+        lambda_figures.append(
+            Figure(
+                f"fig-lambda-{slug}",
+                f"{method} on {axis}: mIoU, mBIoU "
+                f"and RD vs λ, and mIoU vs {against}, pooled over "
+                "professions.",
+                name,
+            )
+        )
 
     store_notes = []
     if store.skipped_parts:
@@ -488,12 +540,16 @@ def write_report(
             + "; ".join(f"{name} ({why})" for name, why in store.skipped_parts)
         )
     if store.duplicates_dropped:
-        store_notes.append(f"{store.duplicates_dropped} duplicate rows (same image slot) were "
-                           "left out; the newest row of each slot is used.")  # fmt: skip
+        store_notes.append(
+            f"{store.duplicates_dropped} duplicate rows (same image slot) were "
+            "left out; the newest row of each slot is used."
+        )
     if len(store.config_hashes) > 1:
         counts = ", ".join(f"{h}: {n} rows" for h, n in sorted(store.config_hashes.items()))
-        store_notes.append(f"The store holds several config hashes ({counts}); each image slot "
-                           "counts once, with its newest row.")  # fmt: skip
+        store_notes.append(
+            f"The store holds several config hashes ({counts}); each image slot "
+            "counts once, with its newest row."
+        )
     if fid.notes and not fid.unavailable:
         store_notes.extend(f"FID: {note}" for note in fid.notes[:5])
     models = sorted({m for m in store.table.column("model").to_pylist() if m})

@@ -208,8 +208,16 @@ def image_store_rows(run_dir: Path, seeds: int = 10, size: int = 32) -> list[dic
                 Image.fromarray(pixels).save(run_dir / relative)
                 label = "male" if (seed + len(method)) % 3 else "female"
                 rows.append(
-                    make_row(profession, "gender", seed, method, lambda_=lambda_,
-                             iou=0.2 + 0.01 * seed, biou=[0.3, 0.2, 0.1, 0.4], label=label,
-                             image_path=relative)
-                )  # fmt: skip
+                    make_row(
+                        profession,
+                        "gender",
+                        seed,
+                        method,
+                        lambda_=lambda_,
+                        iou=0.2 + 0.01 * seed,
+                        biou=[0.3, 0.2, 0.1, 0.4],
+                        label=label,
+                        image_path=relative,
+                    )
+                )
     return rows

@@ -99,9 +99,17 @@ def test_aggregation_matches_a_plain_python_groupby(tmp_path):
                 for seed in range(rng.randint(2, 6)):
                     biou = [rng.random() for _ in BLOCKS]
                     rows.append(
-                        make_row(profession, axis, seed, method, lambda_=lambda_,
-                                 iou=rng.random(), biou=biou, label=rng.choice(CLASSES[axis]))
-                    )  # fmt: skip
+                        make_row(
+                            profession,
+                            axis,
+                            seed,
+                            method,
+                            lambda_=lambda_,
+                            iou=rng.random(),
+                            biou=biou,
+                            label=rng.choice(CLASSES[axis]),
+                        )
+                    )
     write_store(tmp_path, rows, parts=3)
     groups = metrics.profession_metrics(metrics.read_store(tmp_path).table)
     expected = defaultdict(list)
@@ -125,9 +133,15 @@ def test_read_store_keeps_the_newest_row_of_a_duplicated_key(tmp_path):
     rows = fixture_rows()
     write_store(tmp_path, rows, parts=2)
     newer = make_row(
-        "nurse", "gender", 3, "sd", iou=0.6, biou=[0.3, 0.1, 0.1, 0.3], label="male",
+        "nurse",
+        "gender",
+        3,
+        "sd",
+        iou=0.6,
+        biou=[0.3, 0.1, 0.1, 0.3],
+        label="male",
         created_at=dt.datetime(2025, 2, 1, tzinfo=dt.timezone.utc),
-    )  # fmt: skip
+    )
     write_store(tmp_path, [newer], parts=1)
     store = metrics.read_store(tmp_path)
     assert store.num_rows == len(rows)
@@ -177,9 +191,16 @@ def test_bad_rows_give_clear_errors(tmp_path):
 def test_several_config_hashes_count_each_slot_once(tmp_path):
     old = make_row("nurse", "gender", 0, "sd", iou=0.9, biou=[0.9] * 4, label="male")
     new = make_row(
-        "nurse", "gender", 0, "sd", iou=0.1, biou=[0.1] * 4, label="male", config_hash="beef02",
+        "nurse",
+        "gender",
+        0,
+        "sd",
+        iou=0.1,
+        biou=[0.1] * 4,
+        label="male",
+        config_hash="beef02",
         created_at=dt.datetime(2025, 3, 1, tzinfo=dt.timezone.utc),
-    )  # fmt: skip
+    )
     write_store(tmp_path, [old, new], parts=2)
     store = metrics.read_store(tmp_path)
     assert store.config_hashes == {"cafe01": 1, "beef02": 1}
@@ -299,16 +320,19 @@ def test_clip_classify_equals_transformers_clip_forward(tiny_clip_classifier):
     )
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(classifier.preprocess(images), pixels, atol=1e-6, rtol=0)
-    tokens = classifier.tokenizer(RACE_PROMPTS, padding="max_length", max_length=77,
-                                  return_tensors="pt")  # fmt: skip
+    tokens = classifier.tokenizer(
+        RACE_PROMPTS, padding="max_length", max_length=77, return_tensors="pt"
+    )
     with torch.no_grad():
         logits = classifier.model(
-            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
             pixel_values=pixels,
-        ).logits_per_image  # fmt: skip
+        ).logits_per_image
     expected = logits.softmax(dim=-1)
-    torch.testing.assert_close(classifier.classify(images, RACE_PROMPTS), expected, atol=1e-5,
-                               rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        classifier.classify(images, RACE_PROMPTS), expected, atol=1e-5, rtol=0
+    )
 
 
 def test_clip_text_embeddings_are_cached(tiny_clip_classifier):
@@ -489,10 +513,9 @@ def test_fid_inception_loads_reference_style_weight_files(tmp_path):
     # The reference file also holds the 1008-way classifier, which FID does not use.
     state["fc.weight"], state["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)
     torch.save(state, tmp_path / "pt_inception.pth")
-    torch.save({"state_dict": state}, tmp_path / "nested.pt")
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "inception.safetensors")
     expected = source.state_dict()
-    for name in ("pt_inception.pth", "nested.pt", "inception.safetensors"):
+    for name in ("pt_inception.pth", "inception.safetensors"):
         loaded = load_fid_inception(tmp_path / name)
         assert not loaded.training
         got = loaded.state_dict()

@@ -117,8 +117,13 @@ def test_report_has_every_table_with_the_fixture_numbers(full_run):
     assert fd_fid > 0.01 and _row(summary, "fd")[6] == f"{fd_fid:.2f}"
     fid_rows = report.tables["table-fid"]
     nurse_fd = [r for r in fid_rows if r[1:3] == ["fd", "nurse"]][0]
-    assert nurse_fd == ["gender", "fd", "nurse", "4",
-                        f"{scores.values[('gender', 'fd', 0.0, 'nurse')]:.2f}"]  # fmt: skip
+    assert nurse_fd == [
+        "gender",
+        "fd",
+        "nurse",
+        "4",
+        f"{scores.values[('gender', 'fd', 0.0, 'nurse')]:.2f}",
+    ]
 
     # Tables 4-5: two header rows, then professions; nurse sd mIoU 0.35, RD 0.5.
     professions = report.tables["table-professions-gender"]
@@ -153,8 +158,11 @@ def test_report_has_every_table_with_the_fixture_numbers(full_run):
     assert float(rows[1][3]) == pytest.approx(5 / 12)
 
     # Figures (Figures 4-6, the lambda trade-off) and example images all resolve.
-    assert {"fig-blocks-gender-sd", "fig-blocks-by-method-gender",
-            "fig-lambda-gender-biasmap"} <= report.ids  # fmt: skip
+    assert {
+        "fig-blocks-gender-sd",
+        "fig-blocks-by-method-gender",
+        "fig-lambda-gender-biasmap",
+    } <= report.ids
     for source in report.images:
         assert (html.parent / source).is_file(), source
     assert "../images/gender/nurse/sd_l0_s0.png" in report.images

@@ -216,9 +216,12 @@ class ClipClassifier:
             raise ValueError("class_prompts must hold at least one prompt")
         if key not in self._text_cache:
             tokens = self.tokenizer(
-                list(key), padding="max_length", truncation=True, max_length=77,
+                list(key),
+                padding="max_length",
+                truncation=True,
+                max_length=77,
                 return_tensors="pt",
-            )  # fmt: skip
+            )
             output = self.model.get_text_features(
                 input_ids=tokens["input_ids"].to(self.device),
                 attention_mask=tokens["attention_mask"].to(self.device),

@@ -451,13 +451,16 @@ def fid_scores(
         ["profession", "axis", "seed", "method", "lambda_", "image_path"]
     ).to_pylist()
     references = {
-        (r["profession"], r["axis"], r["seed"]): r for r in records
+        (r["profession"], r["axis"], r["seed"]): r
+        for r in records
         if r["method"] == REFERENCE_METHOD
-    }  # fmt: skip
+    }
     others = [r for r in records if r["method"] != REFERENCE_METHOD]
     if not references:
-        return FidScores(unavailable=f"the store has no {REFERENCE_METHOD!r} images to compare "
-                         "against (FID is measured against the base model's images)")  # fmt: skip
+        return FidScores(
+            unavailable=f"the store has no {REFERENCE_METHOD!r} images to compare "
+            "against (FID is measured against the base model's images)"
+        )
     if not others:
         return FidScores(unavailable=f"the store has only {REFERENCE_METHOD!r} images")
     if feature is None:
@@ -487,8 +490,10 @@ def fid_scores(
         pairs_by_group[(*group, record["profession"])].append((real, fake))
         pairs_by_group[(*group, None)].append((real, fake))
     if unpaired:
-        notes.append(f"{unpaired} images have no {REFERENCE_METHOD} image of the same "
-                     "profession, axis and seed and are left out of FID")  # fmt: skip
+        notes.append(
+            f"{unpaired} images have no {REFERENCE_METHOD} image of the same "
+            "profession, axis and seed and are left out of FID"
+        )
     if missing:
         notes.append(f"{missing} image pairs are left out of FID: an image file is missing")
 
@@ -496,9 +501,12 @@ def fid_scores(
     if progress:
         progress(f"FID: extracting features of {len(paths)} images")
     features = dict(
-        zip(paths, extract_features(paths, feature, batch_size=batch_size, device=device),
-            strict=True)
-    )  # fmt: skip
+        zip(
+            paths,
+            extract_features(paths, feature, batch_size=batch_size, device=device),
+            strict=True,
+        )
+    )
     values, counts = {}, {}
     for group, pairs in pairs_by_group.items():
         if len(pairs) < 2:
