@@ -232,6 +232,38 @@ def generate(
     typer.echo(f"wrote {folder}")
 
 
+@app.command()
+def report(
+    run_dir: str = typer.Argument(..., help="Audit output folder (holds parts/*.parquet)."),
+    fid_weights: str = typer.Option(
+        None,
+        help="FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth, a state dict "
+        "or .safetensors); default: fid_weights in RUN_DIR/config.yaml. Without: FID is "
+        "reported as unavailable.",
+    ),
+    device: str = typer.Option("cpu", help="torch device for FID features."),
+    config_hash: str = typer.Option(
+        None, help="Report only this config hash's rows (default: all, newest per image)."
+    ),
+) -> None:
+    """Write RUN_DIR/report/index.html (the paper's tables, block charts, lambda trade-off,
+    examples, FID) and a CSV per table; print the HTML path."""
+    from biasmap.report import write_report
+
+    try:
+        path = write_report(
+            run_dir,
+            fid_weights=fid_weights,
+            device=device,
+            config_hash=config_hash,
+            progress=lambda message: typer.echo(message, err=True),
+        )
+    except (FileNotFoundError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(str(path))
+
+
 def main() -> None:
     app()
 
