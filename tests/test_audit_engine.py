@@ -182,6 +182,23 @@ def test_bad_config_names_the_field_and_what_is_allowed(override, expected):
         assert text in str(error.value), (text, str(error.value))
 
 
+@pytest.mark.parametrize("name", ["demo.yaml", "sd15-gpu.yaml", "sd15-ray.yaml"])
+def test_shipped_configs_are_valid(name, tmp_path):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (tmp_path / "inception.pth").write_bytes(b"")
+    local_paths = [
+        f"model={folder}",
+        f"clip_model={folder}",
+        f"fid_weights={tmp_path}/inception.pth",
+    ]
+    config = load_config(REPO_ROOT / "configs" / name, [] if name == "demo.yaml" else local_paths)
+    if name == "demo.yaml":  # the README's main job: 3 x 2 x 4 x {sd, biasmap, fd, fd+biasmap}
+        assert (len(config.professions), len(config.axes), len(config.seeds)) == (3, 2, 4)
+        assert config.methods == ["sd", "biasmap", "fd", "fd+biasmap"] and config.model == "tiny"
+        assert sum(len(batch) for batch in work_batches(config)) == 96
+
+
 def test_seed_forms():
     assert parse_seeds("0-3,10") == [0, 1, 2, 3, 10]
     assert parse_seeds([5, 1]) == [5, 1]
@@ -403,11 +420,10 @@ def test_resume_after_sigkill_at_random_moments_gives_every_key_once(tmp_path):
         assert process.returncode == -signal.SIGKILL
         done = len(raw_keys(store))
         assert done < total, f"kill {attempt} came after the run had finished"
-    finished = subprocess.run(
-        _audit_command(killed_path), env=_environment(), capture_output=True, text=True
-    )
-    assert finished.returncode == 0, finished.stderr
-    assert "run folder" in finished.stdout
+    # The final, uninterrupted resume runs in this process (same code path, no start-up cost).
+    finished = CliRunner().invoke(app, ["audit", "--config", str(killed_path), "--no-progress"])
+    assert finished.exit_code == 0, finished.output
+    assert f"run folder: {config.output}" in finished.output
 
     keys = raw_keys(store)
     assert len(keys) == len(set(keys)) == total  # every key exactly once, in the raw parts too

@@ -285,6 +285,21 @@ class AuditConfig(_Strict):
             ) from None
         return value
 
+    @field_validator("clip_model")
+    @classmethod
+    def _clip_model(cls, value: str | None) -> str | None:
+        if (
+            value is not None
+            and _looks_like_path(value)
+            and not os.path.isdir(os.path.expanduser(value))
+        ):
+            raise ValueError(
+                f"CLIP model folder {value!r} does not exist; give an existing folder, a hub id "
+                "such as 'openai/clip-vit-large-patch14', 'tiny' (random weights) or null (no "
+                "CLIP labels)"
+            )
+        return value
+
     @field_validator("fid_weights")
     @classmethod
     def _fid_weights(cls, value: str | None) -> str | None:

@@ -40,11 +40,19 @@ def run_local(
     progress: bool = True,
 ) -> None:
     """Run every batch in this process on config.device, committing each as it finishes."""
-    generator = BatchGenerator(config, classifier_factory, worker="local", threads=config.threads)
-    with _progress_bar(batches, progress) as bar:
-        for batch in batches:
-            sink.commit(generator.run(batch))
-            bar.update(len(batch))
+    import torch
+
+    threads_before = torch.get_num_threads()  # config.threads applies to this run only
+    try:
+        generator = BatchGenerator(
+            config, classifier_factory, worker="local", threads=config.threads
+        )
+        with _progress_bar(batches, progress) as bar:
+            for batch in batches:
+                sink.commit(generator.run(batch))
+                bar.update(len(batch))
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 def ray_worker_count(config: AuditConfig, cluster_gpus: float) -> int:
