@@ -278,10 +278,12 @@ def audit(
         f"{summary.images_per_second:.2f} images/s)"
     )
     typer.echo(f"run folder: {summary.run_dir}")
-    try:
-        from biasmap.report import write_report
-    except ImportError:
-        return  # the report is another module; without it the store is the result
+    import importlib.util
+
+    if importlib.util.find_spec("biasmap.report") is None:
+        return  # a build without the report module: the store is the result
+    from biasmap.report import write_report
+
     typer.echo(f"report: {write_report(summary.run_dir)}")
 
 

@@ -3,6 +3,7 @@ part recovery, and the Ray executor against the local one (tiny pipeline, CPU, f
 
 from __future__ import annotations
 
+import csv
 import datetime
 import os
 import random
@@ -467,3 +468,22 @@ def test_ray_executor_gives_the_rows_of_the_local_one(tmp_path):
     for key, row in local_rows.items():
         assert ray_rows[key]["clip_probs"] == row["clip_probs"]
         assert ray_rows[key]["worker"] in ("ray-0", "ray-1")
+
+
+# ------------------------------------------------------------------------------ bench
+
+
+def test_bench_audit_quick_writes_its_tables(tmp_path):
+    if str(REPO_ROOT) not in sys.path:  # bench/ is a folder of scripts, not a package
+        sys.path.insert(0, str(REPO_ROOT))
+    from bench import bench_audit
+    threads = torch.get_num_threads()
+    try:
+        bench_audit.main(["--quick", "--cases", "tiny-batch", "--results-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    rows = list(csv.DictReader((tmp_path / "bench_audit_quick.csv").open()))
+    assert [row["provider"] for row in rows] == ["batch 1", "batch 4"]
+    assert all(float(row["p50"]) > 0 and row["unit"] == "img/s" for row in rows)
+    markdown = next(tmp_path.glob("bench_audit_*_quick.md")).read_text()
+    assert "batch 4" in markdown and "target 2x" in markdown

@@ -64,6 +64,63 @@ def ray_worker_count(config: AuditConfig, cluster_gpus: float) -> int:
     return 1
 
 
+def connect_ray(config: AuditConfig) -> bool:
+    """Make sure Ray is initialised; returns True when this call started it (then the caller
+    shuts it down). Uses config.ray_address, else RAY_ADDRESS, else starts a local cluster;
+    an already initialised Ray is used as it is."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        # Leave CPUs beyond the workers' own: with exactly one CPU per worker a 2-worker local
+        # cluster hung on this machine (DESIGN.md section 3).
+        wanted = (config.workers or 1) * (config.threads or 1)
+        ray.init(num_cpus=max(4, wanted + 2), include_dashboard=False)
+    return True
+
+
+def start_ray_workers(
+    config: AuditConfig, classifier_factory: ClassifierFactory | None = default_classifier
+) -> list:
+    """Start the audit's Ray actors (BatchGenerators), one pipeline each; Ray must be up.
+
+    GPU actors (num_gpus=1) when the config's device is not cpu and the cluster has GPUs,
+    else CPU actors of config.threads (default 1) CPUs and torch threads.
+    """
+    import ray
+
+    threads = config.threads or 1
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = config.device != "cpu" and gpus >= 1
+    actor_class = ray.remote(
+        num_cpus=0 if use_gpu else threads,
+        num_gpus=1 if use_gpu else 0,
+        max_restarts=RAY_MAX_RESTARTS,
+        max_task_retries=RAY_MAX_RESTARTS,
+    )(BatchGenerator)
+    config_data = config.model_dump(mode="json")
+    return [
+        actor_class.remote(config_data, classifier_factory, f"ray-{index}", threads)
+        for index in range(ray_worker_count(config, gpus))
+    ]
+
+
+def drain_ray(
+    actors: Sequence, batches: Sequence[Sequence[WorkItem]], sink: ResultSink, bar: tqdm
+) -> None:
+    """Hand the batches to whichever actor is free (ActorPool) and commit results as they come."""
+    from ray.util.actor_pool import ActorPool
+
+    pool = ActorPool(list(actors))
+    for results in pool.map_unordered(lambda actor, batch: actor.run.remote(batch), list(batches)):
+        sink.commit(results)
+        bar.update(len(results))
+
+
 def run_ray(
     config: AuditConfig,
     batches: Sequence[Sequence[WorkItem]],
@@ -72,48 +129,15 @@ def run_ray(
     classifier_factory: ClassifierFactory | None = default_classifier,
     progress: bool = True,
 ) -> None:
-    """Run the batches on Ray actors (one pipeline each); see the module docstring.
-
-    Connects to config.ray_address, else to RAY_ADDRESS, else starts a local cluster (and shuts
-    it down at the end); an already initialised Ray is used as it is.
-    """
+    """Run the batches on Ray actors (one pipeline each); see the module docstring."""
     import ray
-    from ray.util.actor_pool import ActorPool
 
-    threads = config.threads or 1
-    started_here = False
-    if not ray.is_initialized():
-        address = config.ray_address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            # Leave CPUs beyond the workers' own: with exactly one CPU per worker a 2-worker
-            # local cluster hung on this machine (DESIGN.md section 3).
-            wanted = (config.workers or 1) * threads
-            ray.init(num_cpus=max(4, wanted + 2))
-        started_here = True
+    started_here = connect_ray(config)
     try:
-        use_gpu = config.resolved_device() != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
-        workers = ray_worker_count(config, ray.cluster_resources().get("GPU", 0))
-        actor_class = ray.remote(
-            num_cpus=0 if use_gpu else threads,
-            num_gpus=1 if use_gpu else 0,
-            max_restarts=RAY_MAX_RESTARTS,
-            max_task_retries=RAY_MAX_RESTARTS,
-        )(BatchGenerator)
-        config_data = config.model_dump(mode="json")
-        actors = [
-            actor_class.remote(config_data, classifier_factory, f"ray-{index}", threads)
-            for index in range(workers)
-        ]
+        actors = start_ray_workers(config, classifier_factory)
         try:
-            pool = ActorPool(actors)
             with _progress_bar(batches, progress) as bar:
-                for results in pool.map_unordered(
-                    lambda actor, batch: actor.run.remote(batch), list(batches)
-                ):
-                    sink.commit(results)
-                    bar.update(len(results))
+                drain_ray(actors, batches, sink, bar)
         finally:
             for actor in actors:
                 ray.kill(actor)

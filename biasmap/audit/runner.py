@@ -216,6 +216,10 @@ class BatchGenerator:
         )
         self.versions = _versions_json()
 
+    def ready(self) -> str:
+        """This worker's name, once its pipeline is loaded (lets Ray callers wait for it)."""
+        return self.worker
+
     def run(self, batch: Sequence[WorkItem]) -> list[ImageResult]:
         """Generate one batch (items share their generation settings); rows + PNG bytes."""
         from ..mitigation import guided_generate
