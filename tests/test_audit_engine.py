@@ -97,6 +97,27 @@ def pixel_classifier(config, device):
     return PixelClassifier()
 
 
+class CrashOnceFactory:
+    """Builds PixelClassifiers whose first classification anywhere kills its own process
+    (SIGKILL, as an out-of-memory kill would): the marker file records that it happened."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __call__(self, config, device):
+        marker = self.marker
+
+        class CrashOnce(PixelClassifier):
+            def classify(self, images, class_prompts):
+                try:
+                    marker.open("x").close()  # only the first caller creates it
+                except FileExistsError:
+                    return super().classify(images, class_prompts)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        return CrashOnce()
+
+
 def rows_by_key(table: pa.Table) -> dict[tuple, dict]:
     return {tuple(row[name] for name in KEY_COLUMNS): row for row in table.to_pylist()}
 
@@ -442,7 +463,7 @@ def test_resume_after_sigkill_at_random_moments_gives_every_key_once(tmp_path):
 # -------------------------------------------------------------------------------- ray
 
 
-def test_ray_executor_gives_the_rows_of_the_local_one(tmp_path):
+def test_ray_executor_gives_the_rows_of_the_local_one_despite_a_worker_kill(tmp_path):
     ray = pytest.importorskip("ray")
     from ray import cloudpickle
 
@@ -455,12 +476,20 @@ def test_ray_executor_gives_the_rows_of_the_local_one(tmp_path):
     # The fake classifier lives in this test module, which Ray workers cannot import.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.init(num_cpus=4, include_dashboard=False)
+    marker = tmp_path / "crashed"
     try:
-        summary = run_audit(distributed, classifier_factory=pixel_classifier, progress=False)
+        # One worker process dies in the middle of its first batch: Ray restarts it and reruns
+        # that batch, and the store still gets every key once.
+        summary = run_audit(
+            distributed, classifier_factory=CrashOnceFactory(marker), progress=False
+        )
     finally:
         ray.shutdown()
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    assert summary.generated == 8
+    assert marker.exists() and summary.generated == 8
+    assert sorted(raw_keys(ResultsStore(distributed.output))) == sorted(
+        rows_by_key(ResultsStore(local.output).read_table())
+    )
     ray_table = ResultsStore(distributed.output).read_table()
     local_table = ResultsStore(local.output).read_table()
     assert_same_metrics(ray_table, local_table)
@@ -477,6 +506,7 @@ def test_bench_audit_quick_writes_its_tables(tmp_path):
     if str(REPO_ROOT) not in sys.path:  # bench/ is a folder of scripts, not a package
         sys.path.insert(0, str(REPO_ROOT))
     from bench import bench_audit
+
     threads = torch.get_num_threads()
     try:
         bench_audit.main(["--quick", "--cases", "tiny-batch", "--results-dir", str(tmp_path)])
@@ -485,5 +515,5 @@ def test_bench_audit_quick_writes_its_tables(tmp_path):
     rows = list(csv.DictReader((tmp_path / "bench_audit_quick.csv").open()))
     assert [row["provider"] for row in rows] == ["batch 1", "batch 4"]
     assert all(float(row["p50"]) > 0 and row["unit"] == "img/s" for row in rows)
-    markdown = next(tmp_path.glob("bench_audit_*_quick.md")).read_text()
+    markdown = next(tmp_path.glob("bench_audit_tiny-batch_*_quick.md")).read_text()
     assert "batch 4" in markdown and "target 2x" in markdown

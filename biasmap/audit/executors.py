@@ -26,7 +26,8 @@ from .runner import BatchGenerator, ClassifierFactory, ResultSink, WorkItem, def
 RAY_MAX_RESTARTS = 3
 
 
-def _progress_bar(batches: Sequence[Sequence[WorkItem]], enabled: bool) -> tqdm:
+def progress_bar(batches: Sequence[Sequence[WorkItem]], enabled: bool) -> tqdm:
+    """A tqdm bar over the batches' images: images done, images/s and the ETA."""
     total = sum(len(batch) for batch in batches)
     return tqdm(total=total, unit="img", desc="audit", disable=not enabled, smoothing=0.1)
 
@@ -47,7 +48,7 @@ def run_local(
         generator = BatchGenerator(
             config, classifier_factory, worker="local", threads=config.threads
         )
-        with _progress_bar(batches, progress) as bar:
+        with progress_bar(batches, progress) as bar:
             for batch in batches:
                 sink.commit(generator.run(batch))
                 bar.update(len(batch))
@@ -136,7 +137,7 @@ def run_ray(
     try:
         actors = start_ray_workers(config, classifier_factory)
         try:
-            with _progress_bar(batches, progress) as bar:
+            with progress_bar(batches, progress) as bar:
                 drain_ray(actors, batches, sink, bar)
         finally:
             for actor in actors:
