@@ -175,6 +175,10 @@ def _fixed_work(repeats: int) -> float:
     return time.perf_counter() - started
 
 
+def _hold(seconds: float) -> None:
+    time.sleep(seconds)
+
+
 def parallel_ceiling(repeats: int) -> float:
     """How much faster two one-thread Ray tasks finish a fixed amount of work than one task
     doing it twice: 2.0 on two idle cores, about 1.0 when other processes use the cores.
@@ -184,7 +188,7 @@ def parallel_ceiling(repeats: int) -> float:
     work = ray.remote(num_cpus=1)(_fixed_work)
     # Start two worker processes before timing (a process start, torch import included, would
     # otherwise count against the pair): two concurrent tasks that outlast a process start.
-    hold = ray.remote(num_cpus=1)(time.sleep)
+    hold = ray.remote(num_cpus=1)(_hold)
     ray.get([hold.remote(3), hold.remote(3)])
     ray.get([work.remote(1), work.remote(1)])
     started = time.perf_counter()
