@@ -232,6 +232,57 @@ def generate(
     typer.echo(f"wrote {folder}")
 
 
+@app.command(context_settings={"allow_interspersed_args": True})
+def audit(
+    config: str = typer.Option(..., "--config", help="Audit config YAML (see configs/demo.yaml)."),
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="key=value overrides applied to the config before validation; dotted keys "
+            "reach into mappings, values are YAML: steps=5 seeds=0-9 'methods=[sd,fd]' "
+            "axes.gender.concept=sex output=runs/x"
+        ),
+    ] = None,
+    executor: str = typer.Option(None, help="local or ray (default: the config's, else local)."),
+    workers: int = typer.Option(None, min=1, help="Ray workers (default: one per GPU, else 1)."),
+    threads: int = typer.Option(None, min=1, help="torch threads per worker."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Run or resume an audit grid (professions x axes x seeds x methods x lambdas).
+
+    Every image becomes one row of the run folder's Parquet results store (output in the
+    config). Rerunning the same command resumes: images already in the store are skipped,
+    and corrupt part files are moved to parts/corrupt/ and their images regenerated. Ends
+    with the run folder, and the HTML report's path when biasmap.report is installed.
+    """
+    from biasmap.audit.config import ConfigError, load_config
+    from biasmap.audit.runner import RunFolderMismatchError, run_audit
+
+    cli_values = {"executor": executor, "workers": workers, "threads": threads}
+    extra = [f"{name}={value}" for name, value in cli_values.items() if value is not None]
+    try:
+        settings = load_config(config, [*(overrides or []), *extra])
+    except ConfigError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(2) from None
+    try:
+        summary = run_audit(settings, progress=progress)
+    except RunFolderMismatchError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(2) from None
+    if summary.check.corrupt:
+        typer.echo(summary.check.summary(), err=True)
+    typer.echo(
+        f"{summary.generated} image(s) generated, {summary.skipped} already present, "
+        f"{summary.total} in the grid ({summary.seconds:.1f} s, "
+        f"{summary.images_per_second:.2f} images/s)"
+    )
+    typer.echo(f"run folder: {summary.run_dir}")
+    from biasmap.report import write_report
+
+    typer.echo(f"report: {write_report(summary.run_dir)}")
+
+
 @app.command()
 def report(
     run_dir: str = typer.Argument(..., help="Audit output folder (holds parts/*.parquet)."),

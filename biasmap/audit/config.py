@@ -1,0 +1,427 @@
+"""The audit's YAML configuration, validated by pydantic, with `key=value` command-line overrides.
+
+    config = load_config("configs/demo.yaml", ["steps=5", "axes.gender.concept=sex"])
+    config.config_hash      # names the experiment in every result row's key
+
+Every field is checked when the file is read, so a typo fails before any model loads: an unknown
+field, a method or axis name outside the known ones, a bad seed range or a model folder that does
+not exist each give an error naming the field and what it accepts (ConfigError).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..mitigation.methods import METHODS, NEGATIVE_PROMPTS
+
+# The paper's professions (Section 4.1).
+PAPER_PROFESSIONS = (
+    "architect",
+    "artist",
+    "athlete",
+    "cashier",
+    "chef",
+    "doctor",
+    "driver",
+    "engineer",
+    "firefighter",
+    "journalist",
+    "lawyer",
+    "mechanic",
+    "musician",
+    "nurse",
+    "officer",
+    "pilot",
+    "scientist",
+    "teacher",
+    "waiter",
+    "worker",
+)
+# Axes the mitigation methods know: negative prompting and Fair Diffusion need per-axis prompts.
+KNOWN_AXES = tuple(NEGATIVE_PROMPTS)
+RANDOM_WEIGHT_MODELS = ("tiny", "tiny-sd", "tiny-sd2", "random-sd15")
+DEFAULT_CLASS_PROMPT = "a photo of the face of a {cls} person"
+
+
+class ConfigError(ValueError):
+    """An audit configuration that cannot run; the message names each bad field."""
+
+
+class _Strict(BaseModel):
+    # Unknown fields are errors (a misspelt field would otherwise be silently ignored).
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AxisConfig(_Strict):
+    """A demographic axis: the concept word appended to the attribution prompt, and the CLIP
+    classes that label each image along it (class_prompts default to DEFAULT_CLASS_PROMPT)."""
+
+    concept: str
+    classes: list[str] = Field(min_length=2)
+    class_prompts: list[str] | None = None
+
+    @field_validator("concept")
+    @classmethod
+    def _concept_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the concept word must not be empty")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _one_prompt_per_class(self) -> AxisConfig:
+        if self.class_prompts is not None and len(self.class_prompts) != len(self.classes):
+            raise ValueError(
+                f"class_prompts needs one prompt per class ({len(self.classes)}: "
+                f"{self.classes}), got {len(self.class_prompts)}"
+            )
+        return self
+
+    def prompts_for_clip(self) -> list[str]:
+        """The CLIP text prompt of each class, in the order of `classes`."""
+        if self.class_prompts is not None:
+            return list(self.class_prompts)
+        return [DEFAULT_CLASS_PROMPT.format(cls=name) for name in self.classes]
+
+
+def _default_axes() -> dict[str, AxisConfig]:
+    return {
+        "gender": AxisConfig(concept="gender", classes=["male", "female"]),
+        "race": AxisConfig(concept="race", classes=["white", "black", "Hispanic", "Asian"]),
+    }
+
+
+class PromptTemplates(_Strict):
+    """Prompt templates. generation and hard take {profession}; attribution takes {prompt}
+    (the generation prompt actually used) and {concept} (the axis's concept word)."""
+
+    generation: str = "A photo of the face of a {profession}"
+    hard: str = "A photo of the face of a diverse {profession}"
+    attribution: str = "{prompt} and {concept}"
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> PromptTemplates:
+        expected = {
+            "generation": {"profession"},
+            "hard": {"profession"},
+            "attribution": {"prompt", "concept"},
+        }
+        for name, wanted in expected.items():
+            template = getattr(self, name)
+            found = {field for _, field, _, _ in string.Formatter().parse(template) if field}
+            if found != wanted:
+                raise ValueError(
+                    f"prompts.{name} must use exactly the placeholders "
+                    f"{sorted('{' + w + '}' for w in wanted)}, got {template!r}"
+                )
+        return self
+
+
+def parse_seeds(value: Any) -> list[int]:
+    """Seeds from a list of ints, an int, or text: "0-99", "7", "0-3,10,20-22".
+
+    Raises ValueError naming the accepted forms. Duplicates are an error (each seed is one key).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"seeds must be a list of integers or a range like '0-99', got {value!r}")
+    if isinstance(value, int):
+        seeds = [value]
+    elif isinstance(value, str):
+        seeds = []
+        for part in value.split(","):
+            low, dash, high = part.strip().partition("-")
+            try:
+                first, last = int(low), int(high) if dash else int(low)
+            except ValueError:
+                raise ValueError(
+                    f"seeds must be a list of integers or text like '0-99', '7' or "
+                    f"'0-3,10'; cannot read {part.strip()!r} in {value!r}"
+                ) from None
+            if last < first:
+                raise ValueError(
+                    f"seed range {part.strip()!r} is empty: its end is before its start"
+                )
+            seeds.extend(range(first, last + 1))
+    elif isinstance(value, list | tuple):
+        seeds = []
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise ValueError(f"seeds list must hold integers, got {item!r}")
+            seeds.append(item)
+    else:
+        raise ValueError(f"seeds must be a list of integers or a range like '0-99', got {value!r}")
+    if not seeds:
+        raise ValueError("seeds is empty")
+    if any(seed < 0 for seed in seeds):
+        raise ValueError(f"seeds must be >= 0 (torch generator seeds), got {min(seeds)}")
+    duplicates = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if duplicates:
+        raise ValueError(f"seeds repeat {duplicates[:10]}; each seed is generated once")
+    return seeds
+
+
+def _looks_like_path(model: str) -> bool:
+    # As load_pipeline decides: "org/name" is a hub id, "./x", "/x" and "~/x" are folders.
+    return model.startswith((".", "/", "~"))
+
+
+class AuditConfig(_Strict):
+    """One audit: which model, which grid (professions x axes x seeds x methods x lambdas),
+    how to generate, and where the results go. See configs/demo.yaml for a commented example."""
+
+    # model
+    model: str = "tiny"
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    device: str = "cpu"
+    # the grid
+    professions: list[str] = Field(default_factory=lambda: list(PAPER_PROFESSIONS), min_length=1)
+    axes: dict[str, AxisConfig] = Field(default_factory=_default_axes, min_length=1)
+    prompts: PromptTemplates = Field(default_factory=PromptTemplates)
+    seeds: list[int] = Field(default_factory=lambda: list(range(100)))
+    methods: list[str] = Field(default_factory=lambda: ["sd", "biasmap"], min_length=1)
+    lambdas: list[float] = Field(default_factory=lambda: [100.0], min_length=1)
+    # generation
+    q: float = Field(0.7, gt=0.0, lt=1.0)
+    steps: int = Field(50, ge=1)
+    guidance: float | None = None  # CFG scale; None takes the preset's (7.5 paper, 7.0 official)
+    preset: Literal["paper", "official"] = "paper"
+    map_size: int | None = Field(None, ge=1)
+    image_size: int | None = Field(None, ge=8)  # side in pixels; None: the model's default
+    # classification and FID (used by biasmap.audit.clip / fid)
+    clip_model: str | None = "openai/clip-vit-large-patch14"  # None: no CLIP labels
+    fid_weights: str | None = None
+    # execution: none of these change a row, so none is in config_hash
+    output: str = "runs/audit"
+    batch_size: int = Field(4, ge=1)
+    executor: Literal["local", "ray"] = "local"
+    workers: int | None = Field(None, ge=1)  # ray: default one per GPU, else 1
+    threads: int | None = Field(None, ge=1)  # torch threads per worker; None: torch's default
+    ray_address: str | None = None  # None: RAY_ADDRESS, else a local cluster
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds(cls, value: Any) -> list[int]:
+        return parse_seeds(value)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        unknown = [method for method in value if method not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; allowed: {list(METHODS)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"methods repeat: {value}")
+        return value
+
+    @field_validator("axes")
+    @classmethod
+    def _axes(cls, value: dict[str, AxisConfig]) -> dict[str, AxisConfig]:
+        unknown = [axis for axis in value if axis not in KNOWN_AXES]
+        if unknown:
+            raise ValueError(
+                f"unknown axis name(s) {unknown}; allowed: {list(KNOWN_AXES)} (the concept "
+                "word appended to the attribution prompt is the axis's 'concept' field, and may "
+                "be any word)"
+            )
+        return value
+
+    @field_validator("professions")
+    @classmethod
+    def _professions(cls, value: list[str]) -> list[str]:
+        if any(not name.strip() for name in value):
+            raise ValueError("a profession is empty")
+        if len(set(value)) != len(value):
+            raise ValueError(f"professions repeat: {value}")
+        return value
+
+    @field_validator("lambdas")
+    @classmethod
+    def _lambdas(cls, value: list[float]) -> list[float]:
+        if any(not lam >= 0 for lam in value):
+            raise ValueError(f"lambdas must be >= 0 (0 turns guidance off), got {value}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"lambdas repeat: {value}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        if value in RANDOM_WEIGHT_MODELS:
+            return value
+        if value == "tiny-sdxl":
+            raise ValueError(
+                "tiny-sdxl is not supported by the guided sampler (SD1.x/2.x only); "
+                f"use one of {list(RANDOM_WEIGHT_MODELS)}, a local folder or a hub id"
+            )
+        expanded = os.path.expanduser(value)
+        if _looks_like_path(value) and not os.path.isdir(expanded):
+            raise ValueError(
+                f"model folder {value!r} does not exist; give an existing local folder (written "
+                "by save_pretrained or huggingface-cli download), a hub id such as "
+                "'stable-diffusion-v1-5/stable-diffusion-v1-5', or one of "
+                f"{list(RANDOM_WEIGHT_MODELS)}"
+            )
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        import torch
+
+        if value == "auto":
+            return value
+        try:
+            torch.device(value)
+        except (RuntimeError, TypeError):
+            raise ValueError(
+                f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {value!r}"
+            ) from None
+        return value
+
+    @field_validator("clip_model")
+    @classmethod
+    def _clip_model(cls, value: str | None) -> str | None:
+        if (
+            value is not None
+            and _looks_like_path(value)
+            and not os.path.isdir(os.path.expanduser(value))
+        ):
+            raise ValueError(
+                f"CLIP model folder {value!r} does not exist; give an existing folder, a hub id "
+                "such as 'openai/clip-vit-large-patch14', 'tiny' (random weights) or null (no "
+                "CLIP labels)"
+            )
+        return value
+
+    @field_validator("fid_weights")
+    @classmethod
+    def _fid_weights(cls, value: str | None) -> str | None:
+        if value is not None and not os.path.exists(os.path.expanduser(value)):
+            raise ValueError(f"fid_weights path {value!r} does not exist")
+        return value
+
+    # ----------------------------------------------------------------- derived values
+
+    @property
+    def config_hash(self) -> str:
+        """A 12-hex-digit digest of every field that changes the row of a given key.
+
+        Left out: the grid itself (professions, seeds, methods, lambdas and which axes are in it:
+        they are in the key, so a run can be extended with more of them and resumed), and what
+        only changes where or how the work runs (output, batch_size, executor, workers, threads,
+        ray_address, device, fid_weights). device and batch_size can change the last bits of
+        floating-point results, not what the experiment is.
+        """
+        identity = self.model_dump(
+            include={
+                "model",
+                "dtype",
+                "axes",
+                "prompts",
+                "q",
+                "steps",
+                "guidance",
+                "preset",
+                "map_size",
+                "image_size",
+                "clip_model",
+            }
+        )
+        text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def resolved_device(self) -> str:
+        """The device to run on: 'auto' is cuda when torch sees a GPU, else cpu."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` overrides to a raw (unvalidated) config mapping, returning a new one.
+
+    key may be dotted to reach into mappings (axes.gender.concept=sex). value is read as YAML,
+    so `steps=5`, `methods=[sd,fd]` and `guidance=null` get their types; seeds=0-9 stays text.
+    """
+    result = json.loads(json.dumps(raw))  # a deep copy of plain YAML data
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} must look like key=value (dotted keys ok)")
+        value = yaml.safe_load(text) if text.strip() else ""
+        node = result
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"override {override!r}: {where} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = f"unknown field; allowed here: {_allowed_fields(item['loc'])}"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def _allowed_fields(location: tuple) -> list[str]:
+    """The field names accepted where an unknown field was found."""
+    parents = [str(part) for part in location[:-1]]
+    model: type[BaseModel] = AuditConfig
+    if parents[:1] == ["prompts"]:
+        model = PromptTemplates
+    elif parents[:1] == ["axes"] and len(parents) >= 2:
+        model = AxisConfig
+    return list(model.model_fields)
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> AuditConfig:
+    """Validate a raw mapping; raises ConfigError listing every bad field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a YAML mapping, got {type(raw).__name__}")
+    try:
+        return AuditConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"invalid audit config {source}:\n{_describe(error)}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> AuditConfig:
+    """Read a YAML config (None: all defaults), apply `key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a YAML mapping, got {type(raw).__name__}")
+    overrides = overrides or []
+    # A dotted override into a mapping the file leaves at its default (axes.gender.concept=x)
+    # edits that default rather than replacing the whole mapping with one field.
+    defaults = None
+    for override in overrides:
+        top, dot, _ = override.partition("=")[0].strip().partition(".")
+        if dot and top not in raw and top in ("axes", "prompts"):
+            defaults = defaults or AuditConfig().model_dump(mode="json")
+            raw[top] = defaults[top]
+    return validate_config(apply_overrides(raw, overrides), str(path or "defaults"))

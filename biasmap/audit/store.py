@@ -1,0 +1,317 @@
+"""The audit results store: a folder of immutable Parquet part files, one row per image.
+
+    store = ResultsStore("runs/demo")
+    store.write(rows)          # one new part file, appearing atomically
+    store.keys()               # keys present (resume skips them)
+    store.read_table()         # every row once, sorted by key (pyarrow.Table, biasmap.audit.SCHEMA)
+    store.check(repair=True)   # find unreadable or invalid parts, move them to parts/corrupt/
+
+Layout: <root>/parts/part-<uuid>.parquet. A part is written under a temporary name in the same
+folder (.tmp-part-<uuid>.parquet, which readers never match), flushed to disk with fsync and then
+renamed, so a reader sees either the whole part or none of it, and a killed writer leaves only a
+temporary file behind. Parts are never modified afterwards.
+
+A part that pyarrow cannot read (truncated, garbage bytes), whose schema differs from SCHEMA, or
+whose rows break the row rules is reported with a warning naming the file and skipped, so its keys
+count as missing and are recomputed; `check(repair=True)` (which the runner calls before it starts)
+moves such files to parts/corrupt/, never deleting anything.
+
+Two parts may hold the same key (two runners on one folder raced for it). Reads keep exactly one
+row per key: the earliest `created_at`, ties broken by part file name, then by row order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .schema import KEY_COLUMNS, SCHEMA
+
+PARTS = "parts"
+CORRUPT = "corrupt"
+PART_PREFIX = "part-"
+TEMP_PREFIX = ".tmp-"
+
+Key = tuple  # (profession, axis, seed, method, lambda_, config_hash), in KEY_COLUMNS order
+
+
+class CorruptPartWarning(UserWarning):
+    """A part file could not be used; its rows are treated as missing."""
+
+
+class InvalidRowsError(ValueError):
+    """Rows that do not fit the store's schema and row rules."""
+
+
+@dataclass(frozen=True)
+class PartProblem:
+    """A part file that cannot be used, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass
+class StoreCheck:
+    """What `ResultsStore.check` found.
+
+    parts: readable, valid part files; rows: their rows (duplicates included); keys: distinct
+    keys; duplicate_rows: rows hidden by deduplication; corrupt: unusable parts (and where they
+    were moved when repairing); temporary: leftover temporary files of killed writers.
+    """
+
+    parts: int = 0
+    rows: int = 0
+    keys: int = 0
+    duplicate_rows: int = 0
+    corrupt: list[PartProblem] = field(default_factory=list)
+    moved: list[Path] = field(default_factory=list)
+    temporary: list[Path] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.corrupt
+
+    def summary(self) -> str:
+        text = (
+            f"{self.parts} part file(s), {self.rows} row(s), {self.keys} distinct key(s), "
+            f"{self.duplicate_rows} duplicate row(s) hidden"
+        )
+        for problem in self.corrupt:
+            text += f"\ncorrupt part {problem.path}: {problem.reason}"
+        for path in self.moved:
+            text += f"\n  moved to {path}"
+        if self.temporary:
+            text += (
+                f"\n{len(self.temporary)} leftover temporary file(s) of killed writers (ignored)"
+            )
+        return text
+
+
+def validate_rows(table: pa.Table) -> None:
+    """Raise InvalidRowsError unless `table` has SCHEMA (field names, order and types) and every
+    row obeys the row rules: keys present, lambda_ finite and >= 0, seed >= 0, list columns of
+    matching lengths (biou_blocks/values, clip_classes/probs)."""
+    if not table.schema.equals(SCHEMA, check_metadata=False):
+        expected = {f.name: str(f.type) for f in SCHEMA}
+        found = {f.name: str(f.type) for f in table.schema}
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        changed = sorted(
+            name for name in set(expected) & set(found) if expected[name] != found[name]
+        )
+        raise InvalidRowsError(
+            f"schema differs from biasmap.audit.schema.SCHEMA: missing {missing}, unexpected "
+            f"{extra}, different types {changed}"
+            + ("" if missing or extra or changed else " (field order or nullability)")
+        )
+    for name in KEY_COLUMNS:
+        nulls = table.column(name).null_count
+        if nulls:
+            raise InvalidRowsError(f"key column {name!r} has {nulls} null value(s)")
+    for lam in table.column("lambda_").to_pylist():
+        if not (math.isfinite(lam) and lam >= 0):
+            raise InvalidRowsError(f"lambda_ must be finite and >= 0, found {lam}")
+    if any(seed < 0 for seed in table.column("seed").to_pylist()):
+        raise InvalidRowsError("seed must be >= 0")
+    for names, values in (("biou_blocks", "biou_values"), ("clip_classes", "clip_probs")):
+        for first, second in zip(
+            table.column(names).to_pylist(), table.column(values).to_pylist(), strict=True
+        ):
+            if (first is None) != (second is None) or (first and len(first) != len(second)):
+                raise InvalidRowsError(f"{names} and {values} differ in length in a row")
+
+
+def table_from_rows(rows: Sequence[dict]) -> pa.Table:
+    """Rows (dicts keyed by SCHEMA's field names) as a validated table; raises InvalidRowsError
+    naming a missing or unknown field."""
+    names = set(SCHEMA.names)
+    for row in rows:
+        unknown = sorted(set(row) - names)
+        missing = sorted(names - set(row))
+        if unknown or missing:
+            raise InvalidRowsError(
+                f"row fields differ from SCHEMA: missing {missing}, unknown {unknown}"
+            )
+    try:
+        table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise InvalidRowsError(f"rows do not fit SCHEMA: {error}") from None
+    validate_rows(table)
+    return table
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ResultsStore:
+    """A results store rooted at a run folder (parts live in <root>/parts)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.parts_dir = self.root / PARTS
+        self.corrupt_dir = self.parts_dir / CORRUPT
+
+    # ------------------------------------------------------------------------- writing
+
+    def write(self, rows: Sequence[dict]) -> Path | None:
+        """Write rows as one new part file and return its path (None for no rows).
+
+        The rows are validated first (InvalidRowsError). A key repeated within `rows` is an
+        error: the caller is expected to hand each key to the store once.
+        """
+        if not rows:
+            return None
+        table = table_from_rows(rows)
+        keys = _key_list(table)
+        if len(set(keys)) != len(keys):
+            raise InvalidRowsError("the rows repeat a key; each key is written once")
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{PART_PREFIX}{uuid.uuid4().hex}.parquet"
+        temporary = self.parts_dir / f"{TEMP_PREFIX}{name}"
+        final = self.parts_dir / name
+        pq.write_table(table, temporary)
+        _fsync_path(temporary)  # the bytes are on disk before the name says the part exists
+        os.replace(temporary, final)
+        _fsync_path(self.parts_dir, directory=True)  # and so is the rename
+        return final
+
+    # ------------------------------------------------------------------------- reading
+
+    def part_files(self) -> list[Path]:
+        """Committed part files, sorted by name (temporary and corrupt/ files excluded)."""
+        if not self.parts_dir.is_dir():
+            return []
+        return sorted(self.parts_dir.glob(f"{PART_PREFIX}*.parquet"))
+
+    def _read_part(self, path: Path) -> pa.Table:
+        try:
+            table = pq.ParquetFile(path).read()
+        except (OSError, pa.ArrowException) as error:
+            raise InvalidRowsError(
+                f"unreadable Parquet ({type(error).__name__}: {error})"
+            ) from None
+        validate_rows(table)
+        return table
+
+    def _scan(self) -> tuple[list[tuple[Path, pa.Table]], list[PartProblem]]:
+        good, problems = [], []
+        for path in self.part_files():
+            try:
+                good.append((path, self._read_part(path)))
+            except FileNotFoundError:  # moved aside by a concurrent check meanwhile
+                continue
+            except InvalidRowsError as error:
+                problems.append(PartProblem(path, str(error)))
+        return good, problems
+
+    def _warn(self, problems: Sequence[PartProblem], moved: dict[Path, Path]) -> None:
+        for problem in problems:
+            where = f"; moved to {moved[problem.path]}" if problem.path in moved else ""
+            warnings.warn(
+                f"corrupt results part {problem.path}: {problem.reason}. Its rows are treated "
+                f"as missing and will be recomputed{where}",
+                CorruptPartWarning,
+                stacklevel=3,
+            )
+
+    def _deduplicated(self, parts: list[tuple[Path, pa.Table]]) -> tuple[pa.Table, int]:
+        if not parts:
+            return SCHEMA.empty_table(), 0
+        table = pa.concat_tables([t for _, t in parts])
+        # Order of precedence between copies of a key: earliest created_at, then part file
+        # name, then row order within the part; the first of each key is kept.
+        order = []
+        for part_index, (path, part) in enumerate(parts):
+            created = part.column("created_at").to_pylist()
+            for row, stamp in enumerate(created):
+                order.append((stamp is None, stamp or 0, path.name, part_index, row))
+        offsets, total = [], 0
+        for _, part in parts:
+            offsets.append(total)
+            total += part.num_rows
+        keys = _key_list(table)
+        ranked = sorted(range(total), key=lambda i: order[i])
+        keep, seen = [], set()
+        for index in ranked:
+            if keys[index] not in seen:
+                seen.add(keys[index])
+                keep.append(index)
+        unique = table.take(pa.array(sorted(keep), type=pa.int64()))
+        unique = unique.sort_by([(name, "ascending") for name in KEY_COLUMNS])
+        return unique, total - len(keep)
+
+    def read_table(self) -> pa.Table:
+        """All rows, one per key, sorted by key; corrupt parts are skipped with a warning."""
+        parts, problems = self._scan()
+        self._warn(problems, {})
+        return self._deduplicated(parts)[0]
+
+    def keys(self) -> set[Key]:
+        """The keys present (tuples in KEY_COLUMNS order); corrupt parts are skipped with a
+        warning, so their keys count as missing."""
+        parts, problems = self._scan()
+        self._warn(problems, {})
+        keys: set[Key] = set()
+        for _, table in parts:
+            keys.update(_key_list(table))
+        return keys
+
+    def check(self, repair: bool = False) -> StoreCheck:
+        """Read every part and report; with repair=True move unusable parts to parts/corrupt/.
+
+        Each corrupt part is also reported with a CorruptPartWarning naming the file.
+        """
+        parts, problems = self._scan()
+        moved: dict[Path, Path] = {}
+        if repair:
+            for problem in problems:
+                target = self._move_aside(problem.path)
+                if target is not None:
+                    moved[problem.path] = target
+        self._warn(problems, moved)
+        table, duplicates = self._deduplicated(parts)
+        temporary = (
+            sorted(self.parts_dir.glob(f"{TEMP_PREFIX}*")) if self.parts_dir.is_dir() else []
+        )
+        return StoreCheck(
+            parts=len(parts),
+            rows=sum(t.num_rows for _, t in parts),
+            keys=table.num_rows,
+            duplicate_rows=duplicates,
+            corrupt=problems,
+            moved=list(moved.values()),
+            temporary=temporary,
+        )
+
+    def _move_aside(self, path: Path) -> Path | None:
+        self.corrupt_dir.mkdir(parents=True, exist_ok=True)
+        target = self.corrupt_dir / path.name
+        suffix = 1
+        while target.exists():
+            target = self.corrupt_dir / f"{path.stem}.{suffix}{path.suffix}"
+            suffix += 1
+        try:
+            os.replace(path, target)
+        except FileNotFoundError:  # another process moved it first
+            return None
+        return target
+
+
+def _key_list(table: pa.Table) -> list[Key]:
+    columns = [table.column(name).to_pylist() for name in KEY_COLUMNS]
+    return list(zip(*columns, strict=True))
