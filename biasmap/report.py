@@ -1,8 +1,8 @@
 """The audit report: a static HTML page with the paper's tables and figures, plus CSVs.
 
 `write_report(RUN_DIR)` reads only the results store (`RUN_DIR/parts/*.parquet`, the schema
-of `biasmap.audit.schema`), the images it points to and, if present, `RUN_DIR/config.yaml`
-(for `fid_weights`), and writes into `RUN_DIR/report/`:
+of `biasmap.audit.schema`), the images it points to and, if present, `RUN_DIR/run.json`
+(the run's config, for `fid_weights`), and writes into `RUN_DIR/report/`:
 
 - `index.html`: Tables 1-2 (pooled RD / mIoU / mBIoU / FID per method and axis), Tables 4-5
   (per profession), Tables 6-7 (metrics and FID vs lambda, for methods run at several
@@ -17,6 +17,7 @@ its run folder, or copy the images along.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from typing import Any
 
 from biasmap.audit import metrics as audit_metrics
 from biasmap.audit.metrics import GroupMetrics, Table, method_label
+from biasmap.audit.runner import RUN_FILE
 
 REPORT_FOLDER = "report"
 RANDOM_WEIGHT_MODELS = ("tiny", "tiny-sd", "tiny-sd2", "tiny-sdxl", "random-sd15")
@@ -56,25 +58,13 @@ class Example:
 # --------------------------------------------------------------------------- config
 
 
-def read_run_config(run_dir: Path) -> dict[str, Any]:
-    """RUN_DIR/config.yaml as a dict ({} when absent). Only `fid_weights` is used here."""
-    import yaml
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return {}
-    loaded = yaml.safe_load(path.read_text())
-    return loaded if isinstance(loaded, dict) else {}
-
-
-def _find_option(config: dict[str, Any], name: str) -> Any:
-    """`name` at the top level of the config or one section down (e.g. metrics.fid_weights)."""
-    if config.get(name) is not None:
-        return config[name]
-    for value in config.values():
-        if isinstance(value, dict) and value.get(name) is not None:
-            return value[name]
-    return None
+def configured_fid_weights(run_dir: Path) -> str | None:
+    """The `fid_weights` of the config the run was made with (RUN_DIR/run.json, written by
+    `biasmap audit`), or None."""
+    record = run_dir / RUN_FILE
+    if not record.is_file():
+        return None
+    return json.loads(record.read_text()).get("config", {}).get("fid_weights")
 
 
 # --------------------------------------------------------------------------- figures
@@ -444,8 +434,9 @@ def write_report(
     """Write RUN_DIR/report/index.html, its CSVs and charts; return the HTML path.
 
     fid_weights: FID Inception weights (see biasmap.audit.fid.load_fid_inception); default:
-    `fid_weights` from RUN_DIR/config.yaml. fid_feature: a feature network to use instead
-    (tests pass a tiny one). Without either, the FID table says FID is unavailable and why.
+    `fid_weights` of the run's config (RUN_DIR/run.json). fid_feature: a feature network to
+    use instead (tests pass a tiny one). Without either, the FID table says FID is
+    unavailable and why.
     config_hash: report only that hash's rows (default: all, newest row per image slot).
     Raises FileNotFoundError / ValueError (from metrics.read_store) when the store is missing
     or unreadable.
@@ -463,7 +454,7 @@ def write_report(
     per_profession = audit_metrics.profession_metrics(store.table)
     pooled = audit_metrics.pooled_metrics(per_profession)
     if fid_weights is None and fid_feature is None:
-        fid_weights = _find_option(read_run_config(run_dir), "fid_weights")
+        fid_weights = configured_fid_weights(run_dir)
     fid = fid_scores(
         run_dir,
         store.table,

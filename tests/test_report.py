@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -176,8 +177,9 @@ def test_report_without_fid_weights_says_why(tmp_path):
     assert "FID unavailable: no FID Inception weights configured" in html
     summary = _parse(tmp_path / "report" / "index.html").tables["table-summary-gender"]
     assert [row[6] for row in summary[1:]] == ["–"] * 4  # no number is made up
-    # fid_weights from the run's config.yaml (top level or one section down) is used.
-    (tmp_path / "config.yaml").write_text("model: tiny\nmetrics:\n  fid_weights: /no/such.pth\n")
+    # fid_weights of the run's config (run.json, as biasmap audit records it) is used.
+    record = {"config_hash": "h", "config": {"model": "tiny", "fid_weights": "/no/such.pth"}}
+    (tmp_path / "run.json").write_text(json.dumps(record))
     html = write_report(tmp_path).read_text()
     assert "FID unavailable: FID Inception weights &#39;/no/such.pth&#39; not found" in html
 

@@ -31,11 +31,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .schema import KEY_COLUMNS, SCHEMA
+from .store import ResultsStore
 
-PARTS_GLOB = "*.parquet"
 AXIS_ORDER = ("gender", "race")
 
 
@@ -57,24 +56,12 @@ class StoreRows:
         return self.table.num_rows
 
 
-def _read_part(path: Path) -> pa.Table:
-    """One part file as SCHEMA; raises ValueError naming what does not conform."""
-    table = pq.read_table(path)
-    missing = [name for name in SCHEMA.names if name not in table.column_names]
-    if missing:
-        raise ValueError(f"missing columns {missing}")
-    try:
-        return table.select(SCHEMA.names).cast(SCHEMA)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as error:
-        raise ValueError(f"columns do not convert to the store schema: {error}") from error
-
-
 def read_store(run_dir: str | Path, *, config_hash: str | None = None) -> StoreRows:
     """Read `RUN_DIR/parts/*.parquet` into one table with one row per image.
 
-    A part file that cannot be read or does not have the schema's columns is skipped and
-    listed in `skipped_parts` (the runner recomputes such keys; a report still renders).
-    Hidden files (a leading "."), such as temporary names of parts being written, are ignored.
+    The parts are read and validated by `biasmap.audit.store.ResultsStore`: one that cannot be
+    read or breaks the schema is skipped and listed in `skipped_parts` (the runner recomputes
+    such keys; a report still renders); temporary files of parts being written are ignored.
 
     Keys: a row is identified by KEY_COLUMNS. Rows are deduplicated on the key without
     config_hash, keeping the newest (`created_at`): when a store holds rows of several config
@@ -87,22 +74,18 @@ def read_store(run_dir: str | Path, *, config_hash: str | None = None) -> StoreR
     """
     import duckdb
 
-    parts_dir = Path(run_dir) / "parts"
-    if not parts_dir.is_dir():
+    store = ResultsStore(run_dir)
+    if not store.parts_dir.is_dir():
         raise FileNotFoundError(
-            f"{parts_dir} does not exist: RUN_DIR must be an audit output folder holding "
+            f"{store.parts_dir} does not exist: RUN_DIR must be an audit output folder holding "
             "parts/*.parquet (written by `biasmap audit`)"
         )
-    paths = sorted(p for p in parts_dir.glob(PARTS_GLOB) if not p.name.startswith("."))
-    tables, skipped = [], []
-    for path in paths:
-        try:
-            tables.append(_read_part(path))
-        except (OSError, ValueError, pa.ArrowException) as error:
-            skipped.append((path.name, str(error).splitlines()[0] if str(error) else repr(error)))
-    if not tables:
+    parts, problems = store.scan()
+    skipped = [(problem.path.name, problem.reason.splitlines()[0]) for problem in problems]
+    if not parts:
         detail = f"; unreadable: {skipped}" if skipped else ""
-        raise ValueError(f"no readable part files in {parts_dir}{detail}")
+        raise ValueError(f"no readable part files in {store.parts_dir}{detail}")
+    tables = [table for _, table in parts]
     rows = pa.concat_tables(tables)
     hashes = Counter(rows.column("config_hash").to_pylist())
     if config_hash is not None:
@@ -124,26 +107,13 @@ def read_store(run_dir: str | Path, *, config_hash: str | None = None) -> StoreR
     ).to_arrow_table()
     con.close()
     unique = unique.select(SCHEMA.names).cast(SCHEMA)
-    _check_rows(unique)
     return StoreRows(
         table=unique,
-        part_files=len(paths),
+        part_files=len(parts) + len(problems),
         skipped_parts=skipped,
         duplicates_dropped=rows.num_rows - unique.num_rows,
         config_hashes=dict(hashes),
     )
-
-
-def _check_rows(table: pa.Table) -> None:
-    """Per-row consistency the aggregation relies on; raises ValueError naming the row."""
-    for row in table.select([*KEY_COLUMNS, "biou_blocks", "biou_values"]).to_pylist():
-        blocks, values = row["biou_blocks"] or [], row["biou_values"] or []
-        if len(blocks) != len(values):
-            key = {name: row[name] for name in KEY_COLUMNS}
-            raise ValueError(
-                f"row {key} has {len(blocks)} biou_blocks but {len(values)} biou_values; "
-                "they must pair up (one BIoU per block name)"
-            )
 
 
 # --------------------------------------------------------------------------- metrics

@@ -28,7 +28,6 @@ import math
 import os
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -172,20 +171,11 @@ def _versions_json() -> str:
 
 
 def default_classifier(config: AuditConfig, device: str) -> Classifier | None:
-    """biasmap.audit.clip.ClipClassifier for config.clip_model (None when clip_model is None).
-
-    If that module is not installed in this build, the CLIP columns stay empty, with a warning.
-    """
+    """biasmap.audit.clip.ClipClassifier for config.clip_model (None when clip_model is None)."""
     if config.clip_model is None:
         return None
-    try:
-        from .clip import ClipClassifier
-    except ImportError as error:
-        warnings.warn(
-            f"CLIP labels are left empty: biasmap.audit.clip is not available ({error})",
-            stacklevel=2,
-        )
-        return None
+    from .clip import ClipClassifier
+
     return ClipClassifier(config.clip_model, device, config.dtype)
 
 

@@ -208,7 +208,9 @@ class ResultsStore:
         validate_rows(table)
         return table
 
-    def _scan(self) -> tuple[list[tuple[Path, pa.Table]], list[PartProblem]]:
+    def scan(self) -> tuple[list[tuple[Path, pa.Table]], list[PartProblem]]:
+        """Every committed part as (path, table) when it is readable and valid, and the
+        problems of those that are not (no warning, nothing moved)."""
         good, problems = [], []
         for path in self.part_files():
             try:
@@ -257,14 +259,14 @@ class ResultsStore:
 
     def read_table(self) -> pa.Table:
         """All rows, one per key, sorted by key; corrupt parts are skipped with a warning."""
-        parts, problems = self._scan()
+        parts, problems = self.scan()
         self._warn(problems, {})
         return self._deduplicated(parts)[0]
 
     def keys(self) -> set[Key]:
         """The keys present (tuples in KEY_COLUMNS order); corrupt parts are skipped with a
         warning, so their keys count as missing."""
-        parts, problems = self._scan()
+        parts, problems = self.scan()
         self._warn(problems, {})
         keys: set[Key] = set()
         for _, table in parts:
@@ -276,7 +278,7 @@ class ResultsStore:
 
         Each corrupt part is also reported with a CorruptPartWarning naming the file.
         """
-        parts, problems = self._scan()
+        parts, problems = self.scan()
         moved: dict[Path, Path] = {}
         if repair:
             for problem in problems:
