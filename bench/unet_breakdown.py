@@ -5,6 +5,10 @@ half without grad (F1), the guided half while recording autograd (F1g) and the b
 half to the latent (B), weights frozen. (F1 + F1g + B) / F2 is the least guided/plain can be
 with exact gradients; (F2 + B) / F2 what it would be if splitting the batch cost nothing.
 
+On CPU the passes run inside biasmap.mitigation.memory.retain_freed_memory(), as in
+guided_generate (--malloc default measures glibc's default behaviour, where every pass
+page-faults its buffers back in).
+
     PYTHONPATH=. python bench/unet_breakdown.py [--side 32] [--device cpu] [--repeats 2]
 """
 
@@ -17,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from biasmap import models
+from biasmap.mitigation.memory import retain_freed_memory
 
 
 def seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
@@ -37,7 +42,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16"))
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--malloc", default="retain", choices=("retain", "default"))
     args = parser.parse_args()
+    with retain_freed_memory(enabled=args.malloc == "retain" and args.device == "cpu"):
+        measure(args)
+
+
+def measure(args) -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
     unet = models.random_sd15(0, dtype=dtype, device=device).unet.requires_grad_(False)
@@ -62,7 +73,8 @@ def main() -> None:
         f1 = seconds(lambda: forward(latents[:1], embeds[:1]), args.repeats, device)
     f1g = seconds(forward_with_grad, args.repeats, device)
     backward = seconds(forward_backward, args.repeats, device) - f1g
-    print(f"SD1.5 UNet, {args.side}x{args.side} latent, {args.dtype}, {device}:")
+    where = f"{args.side}x{args.side} latent, {args.dtype}, {device}, malloc {args.malloc}"
+    print(f"SD1.5 UNet, {where}:")
     print(f"  F2 (batch 2, no grad)      {f2:.3f} s")
     print(f"  F1 (batch 1, no grad)      {f1:.3f} s")
     print(f"  F1g (batch 1, autograd)    {f1g:.3f} s")

@@ -340,3 +340,32 @@ def test_scheduler_without_alphas_cumprod_is_rejected(pipe):
             guided_generate(pipe, P, A, CONCEPTS, num_inference_steps=1)
     finally:
         pipe.scheduler = original
+
+
+def test_retain_freed_memory_is_scoped_nestable_and_can_be_switched_off(monkeypatch):
+    from biasmap.mitigation import memory
+
+    if memory._glibc() is None:
+        pytest.skip("not glibc: retain_freed_memory is a no-op here")
+    with memory.retain_freed_memory() as outer:
+        assert outer and memory._depth == 1
+        with memory.retain_freed_memory() as inner:
+            assert inner and memory._depth == 2
+        assert memory._depth == 1
+    assert memory._depth == 0
+    with memory.retain_freed_memory(enabled=False) as on:
+        assert not on and memory._depth == 0
+    monkeypatch.setenv(memory.ENV_VAR, "0")
+    assert not memory.available()
+    with memory.retain_freed_memory() as on:
+        assert not on and memory._depth == 0
+
+
+def test_guided_images_do_not_depend_on_the_memory_setting(pipe, monkeypatch):
+    kwargs = dict(lambda_=100.0, num_inference_steps=3, generator=_gen(1), output_type="latent")
+    retained = guided_generate(pipe, P, A, CONCEPTS, **kwargs)
+    monkeypatch.setenv("BIASMAP_RETAIN_FREED_MEMORY", "0")
+    kwargs["generator"] = _gen(1)
+    default = guided_generate(pipe, P, A, CONCEPTS, **kwargs)
+    assert torch.equal(retained.images, default.images)
+    assert torch.equal(retained.energies, default.energies)

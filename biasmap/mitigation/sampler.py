@@ -20,6 +20,7 @@ no second generation.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from .. import ops
 from ..discovery.maps import AttributionMaps
 from ..discovery.trace import Trace, _selected_steps
 from .fair_diffusion import FairDiffusion, SemanticGuidance
+from .memory import retain_freed_memory
 from .presets import PRESETS, GuidanceSettings
 
 
@@ -226,6 +228,24 @@ def _check_arguments(pipe, lambda_, attribution_prompt, q, preset) -> None:
         )
 
 
+def _retaining_freed_memory_on_cpu(function):
+    """Run `function(pipe, ...)` inside retain_freed_memory() when the pipeline's UNet is on CPU.
+
+    Each guided step makes three UNet passes (no-grad half, grad half, backward) against a
+    plain step's one, and on CPU glibc otherwise returns every pass's freed buffers to the
+    system, so each pass page-faults its memory back in (see biasmap.mitigation.memory).
+    """
+
+    @functools.wraps(function)
+    def wrapper(pipe, *args, **kwargs):
+        device = getattr(getattr(pipe, "unet", None), "device", None)
+        with retain_freed_memory(enabled=getattr(device, "type", None) == "cpu"):
+            return function(pipe, *args, **kwargs)
+
+    return wrapper
+
+
+@_retaining_freed_memory_on_cpu
 def guided_generate(
     pipe,
     prompt: str | Sequence[str],
@@ -432,6 +452,7 @@ def _resolve_settings(preset, **overrides) -> GuidanceSettings:
     return settings
 
 
+@_retaining_freed_memory_on_cpu
 def step_energy(
     pipe,
     latents: torch.Tensor,
