@@ -367,6 +367,24 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return names[dtype]
 
 
+def resolve_source(
+    name_or_path: str, local_files_only: bool | None, hint: str, *, what: str
+) -> tuple[bool, bool]:
+    """(local_files_only, is_folder) for a `from_pretrained` source.
+
+    local_files_only None follows HF_HUB_OFFLINE. A name that looks like a path (starts with
+    ".", "/" or "~") but is no folder raises ModelNotAvailableError("<what> folder ... does not
+    exist. <hint>") instead of a hub lookup error about an invalid repository id.
+    """
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    is_folder = os.path.isdir(name_or_path)
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path
+    if looks_local and not is_folder:
+        raise ModelNotAvailableError(f"{what} folder {name_or_path!r} does not exist. {hint}")
+    return local_files_only, is_folder
+
+
 def load_pipeline(
     name_or_path: str,
     dtype: torch.dtype | str | None = None,
@@ -403,16 +421,14 @@ def load_pipeline(
 
     from diffusers import DiffusionPipeline
 
-    if local_files_only is None:
-        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    is_folder = os.path.isdir(name_or_path)
-    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path
-    if looks_local and not is_folder:
-        raise ModelNotAvailableError(
-            f"Model folder {name_or_path!r} does not exist. Pass a folder written by "
-            "`pipe.save_pretrained(folder)` or by `huggingface-cli download <model-id> --local-dir "
-            f"<folder>`, a hub id, or one of the offline random-weight models {RANDOM_MODELS}."
-        )
+    local_files_only, is_folder = resolve_source(
+        name_or_path,
+        local_files_only,
+        "Pass a folder written by `pipe.save_pretrained(folder)` or by `huggingface-cli download "
+        f"<model-id> --local-dir <folder>`, a hub id, or one of the offline random-weight models "
+        f"{RANDOM_MODELS}.",
+        what="Model",
+    )
     try:
         pipe = DiffusionPipeline.from_pretrained(
             name_or_path,

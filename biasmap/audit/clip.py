@@ -15,7 +15,6 @@ tests and the offline demo; its probabilities say nothing about the images.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biasmap.models import ModelNotAvailableError, _resolve_dtype, clip_tokenizer
+from biasmap.models import (
+    ModelNotAvailableError,
+    _resolve_dtype,
+    clip_tokenizer,
+    resolve_source,
+)
 
 # The normalization of every OpenAI CLIP checkpoint (their preprocessor_config.json).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -131,17 +135,14 @@ class ClipClassifier:
     def _load(name_or_path: str, local_files_only: bool | None):
         from transformers import AutoTokenizer, CLIPModel
 
-        if local_files_only is None:
-            local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        is_folder = os.path.isdir(name_or_path)
-        looks_local = name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path
-        if looks_local and not is_folder:
-            raise ModelNotAvailableError(
-                f"CLIP model folder {name_or_path!r} does not exist. Pass a folder holding a "
-                "transformers CLIP checkpoint (e.g. `huggingface-cli download "
-                f"{PAPER_MODEL} --local-dir <folder>`), a hub id such as {PAPER_MODEL!r}, "
-                f"or one of the offline random-weight models {TINY_MODELS}."
-            )
+        local_files_only, is_folder = resolve_source(
+            name_or_path,
+            local_files_only,
+            "Pass a folder holding a transformers CLIP checkpoint (e.g. `huggingface-cli "
+            f"download {PAPER_MODEL} --local-dir <folder>`), a hub id such as {PAPER_MODEL!r}, "
+            f"or one of the offline random-weight models {TINY_MODELS}.",
+            what="CLIP model",
+        )
         try:
             clip = CLIPModel.from_pretrained(
                 name_or_path, local_files_only=local_files_only or is_folder
