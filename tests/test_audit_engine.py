@@ -361,6 +361,14 @@ def test_a_run_folder_of_another_experiment_is_refused(tmp_path):
     run_audit(load_config(path, ["methods=[sd]"]), progress=False)
     with pytest.raises(RunFolderMismatchError, match="steps"):
         run_audit(load_config(path, ["methods=[sd]", "steps=3"]), progress=False)
+    # The command line: overrides after the options, the same refusal as a clean exit 2.
+    command = ["audit", "--config", str(path), "methods=[sd]", "steps=3", "--no-progress"]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 2 and "config hash" in result.output
+    command = ["audit", "--config", str(path), "methods=[sd, biasmap]", "--no-progress"]
+    result = CliRunner().invoke(app, command)  # same hash, one more method: extends the run
+    assert result.exit_code == 0, result.output
+    assert "1 image(s) generated, 1 already present, 2 in the grid" in result.output
 
 
 def test_corrupt_parts_are_reported_moved_aside_and_recomputed(tmp_path):
