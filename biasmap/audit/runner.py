@@ -384,8 +384,8 @@ def run_audit(
     started = time.perf_counter()
     run_dir = prepare_run_dir(config)
     store = ResultsStore(run_dir)
-    check = store.check(repair=True)
-    done = store.keys()
+    check = store.check(repair=True)  # one read of the parts: the repair and the keys present
+    done = set(check.present)
     batches, todo, skipped = pending_batches(config, done)
     sink = ResultSink(run_dir, store, done)
     if batches:

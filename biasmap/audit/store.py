@@ -4,7 +4,8 @@
     store.write(rows)          # one new part file, appearing atomically
     store.keys()               # keys present (resume skips them)
     store.read_table()         # every row once, sorted by key (pyarrow.Table, biasmap.audit.SCHEMA)
-    store.check(repair=True)   # find unreadable or invalid parts, move them to parts/corrupt/
+    store.check(repair=True)   # find unreadable or invalid parts, move them to parts/corrupt/;
+                               # .present: the keys of the valid ones
 
 Layout: <root>/parts/part-<uuid>.parquet. A part is written under a temporary name in the same
 folder (.tmp-part-<uuid>.parquet, which readers never match), flushed to disk with fsync and then
@@ -63,18 +64,23 @@ class PartProblem:
 class StoreCheck:
     """What `ResultsStore.check` found.
 
-    parts: readable, valid part files; rows: their rows (duplicates included); keys: distinct
-    keys; duplicate_rows: rows hidden by deduplication; corrupt: unusable parts (and where they
-    were moved when repairing); temporary: leftover temporary files of killed writers.
+    parts: readable, valid part files; rows: their rows (duplicates included); present: their
+    distinct keys (keys: how many); duplicate_rows: rows hidden by deduplication; corrupt:
+    unusable parts (and where they were moved when repairing); temporary: leftover temporary
+    files of killed writers.
     """
 
     parts: int = 0
     rows: int = 0
-    keys: int = 0
+    present: frozenset[Key] = frozenset()
     duplicate_rows: int = 0
     corrupt: list[PartProblem] = field(default_factory=list)
     moved: list[Path] = field(default_factory=list)
     temporary: list[Path] = field(default_factory=list)
+
+    @property
+    def keys(self) -> int:
+        return len(self.present)
 
     @property
     def ok(self) -> bool:
@@ -293,7 +299,7 @@ class ResultsStore:
         return StoreCheck(
             parts=len(parts),
             rows=sum(t.num_rows for _, t in parts),
-            keys=table.num_rows,
+            present=frozenset(_key_list(table)),
             duplicate_rows=duplicates,
             corrupt=problems,
             moved=list(moved.values()),
