@@ -28,9 +28,9 @@ from typing import Any
 from biasmap.audit import metrics as audit_metrics
 from biasmap.audit.metrics import GroupMetrics, Table, method_label
 from biasmap.audit.runner import RUN_FILE
+from biasmap.models import RANDOM_MODELS
 
 REPORT_FOLDER = "report"
-RANDOM_WEIGHT_MODELS = ("tiny", "tiny-sd", "tiny-sd2", "tiny-sdxl", "random-sd15")
 
 
 @dataclass(frozen=True)
@@ -552,7 +552,7 @@ def write_report(
         num_rows=store.num_rows,
         part_files=store.part_files,
         models=models,
-        random_weights=bool(models) and all(m in RANDOM_WEIGHT_MODELS for m in models),
+        random_weights=bool(models) and all(m in RANDOM_MODELS for m in models),
         store_notes=store_notes,
         summary_tables=summary_tables,
         profession_tables=profession_tables,

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..mitigation.methods import METHODS, NEGATIVE_PROMPTS
+from ..models import RANDOM_MODELS
 
 # The paper's professions (Section 4.1).
 PAPER_PROFESSIONS = (
@@ -47,7 +48,8 @@ PAPER_PROFESSIONS = (
 )
 # Axes the mitigation methods know: negative prompting and Fair Diffusion need per-axis prompts.
 KNOWN_AXES = tuple(NEGATIVE_PROMPTS)
-RANDOM_WEIGHT_MODELS = ("tiny", "tiny-sd", "tiny-sd2", "random-sd15")
+# The offline random-weight pipelines the guided sampler runs (it takes SD1.x/2.x, not SDXL).
+RANDOM_WEIGHT_MODELS = tuple(name for name in RANDOM_MODELS if name != "tiny-sdxl")
 DEFAULT_CLASS_PROMPT = "a photo of the face of a {cls} person"
 
 
