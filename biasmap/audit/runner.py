@@ -305,15 +305,16 @@ class ResultSink:
 
     def commit(self, results: Iterable[ImageResult]) -> int:
         """Write a batch's images and rows; returns the number of new rows."""
-        fresh = []
+        fresh, fresh_keys = [], []
         for result in results:
             key = tuple(result.row[name] for name in KEY_COLUMNS)
             if key in self.written:
                 continue
             self._save_png(self.run_dir / result.row["image_path"], result.png)
             fresh.append(result.row)
+            fresh_keys.append(key)
         self.store.write(fresh)
-        self.written.update(tuple(row[name] for name in KEY_COLUMNS) for row in fresh)
+        self.written.update(fresh_keys)
         self.images += len(fresh)
         return len(fresh)
 
