@@ -62,6 +62,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _require_distinct(field: str, values: list) -> None:
+    """A grid list names each entry once: a repeat would generate the same keys twice."""
+    if len(set(values)) != len(values):
+        raise ValueError(f"{field} repeat: {values}")
+
+
 class AxisConfig(_Strict):
     """A demographic axis: the concept word appended to the attribution prompt, and the CLIP
     classes that label each image along it (class_prompts default to DEFAULT_CLASS_PROMPT)."""
@@ -218,8 +224,7 @@ class AuditConfig(_Strict):
         unknown = [method for method in value if method not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; allowed: {list(METHODS)}")
-        if len(set(value)) != len(value):
-            raise ValueError(f"methods repeat: {value}")
+        _require_distinct("methods", value)
         return value
 
     @field_validator("axes")
@@ -239,8 +244,7 @@ class AuditConfig(_Strict):
     def _professions(cls, value: list[str]) -> list[str]:
         if any(not name.strip() for name in value):
             raise ValueError("a profession is empty")
-        if len(set(value)) != len(value):
-            raise ValueError(f"professions repeat: {value}")
+        _require_distinct("professions", value)
         return value
 
     @field_validator("lambdas")
@@ -248,8 +252,7 @@ class AuditConfig(_Strict):
     def _lambdas(cls, value: list[float]) -> list[float]:
         if any(not lam >= 0 for lam in value):
             raise ValueError(f"lambdas must be >= 0 (0 turns guidance off), got {value}")
-        if len(set(value)) != len(value):
-            raise ValueError(f"lambdas repeat: {value}")
+        _require_distinct("lambdas", value)
         return value
 
     @field_validator("model")
