@@ -16,6 +16,7 @@ same token positions as with the released models.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import importlib.util
@@ -35,6 +36,12 @@ _CLIP_NUM_MERGES = CLIP_VOCAB_SIZE - 256 * 2 - 2
 
 # Names load_pipeline accepts for the random-weight builders.
 RANDOM_MODELS = ("tiny", "tiny-sd", "tiny-sd2", "tiny-sdxl", "random-sd15")
+# The planted world's trained pipeline and CLIP, shipped inside the package (biasmap.world).
+PLANTED = "planted"
+PLANTED_FOLDER = Path(__file__).parent / "world" / "weights"
+PLANTED_TRAIN_COMMAND = (
+    "python -m biasmap.world.train --out runs/planted --export biasmap/world/weights"
+)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -385,6 +392,59 @@ def resolve_source(
     return local_files_only, is_folder
 
 
+def planted_folder(part: str) -> Path:
+    """Folder of the shipped planted-world model: part "pipeline" (diffusers) or "clip"
+    (transformers). Raises ModelNotAvailableError, naming the command that trains it, when
+    this checkout has no trained weights."""
+    folder = PLANTED_FOLDER / part
+    if not (folder / ("model_index.json" if part == "pipeline" else "config.json")).is_file():
+        raise ModelNotAvailableError(
+            f"the planted world's trained {part} is not in {folder}; train and export it with "
+            f"`{PLANTED_TRAIN_COMMAND}`"
+        )
+    return folder
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Silence diffusers' and transformers' progress bars, notices and deprecation warnings
+    while loading the shipped model: the demo's output should be the audit's, not theirs."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity())
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+
+
+@functools.lru_cache(maxsize=1)
+def planted_weights_digest() -> str:
+    """A 12-hex-digit digest of the shipped planted weights ("absent" without them)."""
+    import hashlib
+
+    files = sorted(PLANTED_FOLDER.glob("*/**/*.safetensors"))
+    if not files:
+        return "absent"
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(PLANTED_FOLDER).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def load_pipeline(
     name_or_path: str,
     dtype: torch.dtype | str | None = None,
@@ -396,8 +456,9 @@ def load_pipeline(
 ):
     """Load a diffusers text-to-image pipeline: a random-weight builder, a local folder or a hub id.
 
-    name_or_path: one of RANDOM_MODELS ("tiny" = tiny_sd, "tiny-sd2", "tiny-sdxl",
-    "random-sd15"; `seed` seeds their weights), a folder saved with
+    name_or_path: "planted" (the planted world's trained model shipped with biasmap: 32 px
+    images, v-prediction; see biasmap.world), one of RANDOM_MODELS ("tiny" = tiny_sd,
+    "tiny-sd2", "tiny-sdxl", "random-sd15"; `seed` seeds their weights), a folder saved with
     `save_pretrained` / downloaded from the hub, or a hub id such as
     "stable-diffusion-v1-5/stable-diffusion-v1-5".
     local_files_only: None follows HF_HUB_OFFLINE; True never touches the network.
@@ -420,6 +481,13 @@ def load_pipeline(
         return random_sd15(seed, dtype=torch_dtype, device=device)
 
     from diffusers import DiffusionPipeline
+
+    if name_or_path == PLANTED:
+        with quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(
+                planted_folder("pipeline"), torch_dtype=torch_dtype, local_files_only=True
+            )
+        return _eval_fp32(pipe).to(device)
 
     local_files_only, is_folder = resolve_source(
         name_or_path,

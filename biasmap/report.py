@@ -25,10 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
+
 from biasmap.audit import metrics as audit_metrics
 from biasmap.audit.metrics import GroupMetrics, Table, method_label
 from biasmap.audit.runner import RUN_FILE
-from biasmap.models import RANDOM_MODELS
+from biasmap.models import PLANTED, RANDOM_MODELS
 
 REPORT_FOLDER = "report"
 
@@ -375,6 +377,16 @@ bias.</p>{% endif %}
 <p class="note"><a href="tables/{{ table.id }}.csv">{{ table.id }}.csv</a></p>
 {%- endmacro %}
 
+{% if ground_truth %}
+<h2>Ground truth (planted model)</h2>
+<p>The model is biasmap's planted world (<code>biasmap.world</code>): its entanglement and
+skew were declared as data and learnt from the training images, so the measured numbers can
+be checked against what was planted. The world's detector reads each image's item and
+classes back.</p>
+{% for message in ground_truth.notes %}<p class="note">{{ message }}</p>{% endfor %}
+{% for table in ground_truth.tables %}{{ render(table) }}{% endfor %}
+{% endif %}
+
 <h2>Summary (paper Tables 1-2)</h2>
 {% for table in summary_tables %}{{ render(table) }}{% endfor %}
 
@@ -470,7 +482,22 @@ def write_report(
     lambda_tables = audit_metrics.lambda_tables(per_profession, pooled, fid.values, fid_note)
     fid_table = _fid_table(fid)
     block_tables = _block_tables(per_profession, pooled)
-    for table in [*summary_tables, *profession_tables, *lambda_tables, fid_table, *block_tables]:
+    models = sorted({m for m in store.table.column("model").to_pylist() if m})
+    ground_truth = None
+    if PLANTED in models:
+        from biasmap.world.ground_truth import audit_ground_truth
+
+        planted_rows = store.table.filter(pc.equal(store.table.column("model"), PLANTED))
+        ground_truth = audit_ground_truth(planted_rows, run_dir, per_profession)
+    extra = ground_truth.tables if ground_truth else []
+    for table in [
+        *summary_tables,
+        *profession_tables,
+        *lambda_tables,
+        fid_table,
+        *block_tables,
+        *extra,
+    ]:
         table.write_csv(report_dir / "tables" / f"{table.id}.csv")
 
     block_figures = []
@@ -543,7 +570,6 @@ def write_report(
         )
     if fid.notes and not fid.unavailable:
         store_notes.extend(f"FID: {note}" for note in fid.notes[:5])
-    models = sorted({m for m in store.table.column("model").to_pylist() if m})
 
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     html = environment.from_string(TEMPLATE).render(
@@ -554,6 +580,7 @@ def write_report(
         models=models,
         random_weights=bool(models) and all(m in RANDOM_MODELS for m in models),
         store_notes=store_notes,
+        ground_truth=ground_truth,
         summary_tables=summary_tables,
         profession_tables=profession_tables,
         lambda_tables=lambda_tables,

@@ -369,3 +369,38 @@ def test_guided_images_do_not_depend_on_the_memory_setting(pipe, monkeypatch):
     default = guided_generate(pipe, P, A, CONCEPTS, **kwargs)
     assert torch.equal(retained.images, default.images)
     assert torch.equal(retained.energies, default.energies)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_guidance_factor_gives_the_same_step_as_eps_guidance(prediction_type):
+    """Guidance added in a v- or x0-prediction model's output moves the DDIM step exactly as
+    lambda * sqrt(1 - alphabar_t) * grad added to eps does (Algorithm 1)."""
+    from biasmap.mitigation.sampler import alphabar, guidance_factor
+
+    config = {
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    }
+    eps_scheduler = DDIMScheduler(**config, prediction_type="epsilon")
+    other = DDIMScheduler(**config, prediction_type=prediction_type)
+    for scheduler in (eps_scheduler, other):
+        scheduler.set_timesteps(20)
+    t = eps_scheduler.timesteps[5]
+    generator = torch.Generator().manual_seed(0)
+    z_t, eps, grad = (
+        torch.randn(1, 4, 8, 8, generator=generator, dtype=torch.float64) for _ in range(3)
+    )
+    a = torch.tensor(alphabar(eps_scheduler, t), dtype=torch.float64)
+    if prediction_type == "v_prediction":
+        output = (eps - (1 - a).sqrt() * z_t) / a.sqrt()  # eps = sqrt(1-a) z_t + sqrt(a) v
+    else:
+        output = (z_t - (1 - a).sqrt() * eps) / a.sqrt()  # x0
+    lam = 50.0
+    expected = eps_scheduler.step(eps + lam * math.sqrt(1 - a) * grad, t, z_t).prev_sample
+    ours = other.step(output + lam * guidance_factor(other, t) * grad, t, z_t).prev_sample
+    # alphas_cumprod is float32 inside the scheduler, so agreement is to float32 precision.
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)

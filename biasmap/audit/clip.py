@@ -23,9 +23,12 @@ import numpy as np
 import torch
 
 from biasmap.models import (
+    PLANTED,
     ModelNotAvailableError,
     _resolve_dtype,
     clip_tokenizer,
+    planted_folder,
+    quiet_loading,
     resolve_source,
 )
 
@@ -92,7 +95,8 @@ def _normalization(folder: Path | None, image_size: int) -> tuple[tuple, tuple, 
 class ClipClassifier:
     """Zero-shot CLIP classifier: images -> softmax probabilities over class prompts.
 
-    model: "tiny" (random weights, offline), a local folder holding a transformers CLIP
+    model: "tiny" (random weights, offline), "planted" (the planted world's trained CLIP,
+    shipped with biasmap; see biasmap.world), a local folder holding a transformers CLIP
     checkpoint (`config.json` + weights, e.g. `huggingface-cli download
     openai/clip-vit-large-patch14 --local-dir FOLDER`), or a hub id such as
     "openai/clip-vit-large-patch14" (the paper's ViT-L/14).
@@ -121,6 +125,13 @@ class ClipClassifier:
         folder = None
         if model in TINY_MODELS:
             clip, tokenizer = tiny_clip(seed), clip_tokenizer()
+        elif model == PLANTED:
+            from transformers import CLIPModel
+
+            folder = planted_folder("clip")
+            with quiet_loading():
+                clip = CLIPModel.from_pretrained(folder, local_files_only=True)
+            tokenizer = clip_tokenizer()
         else:
             clip, tokenizer, folder = self._load(model, local_files_only)
         self.model = clip.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..mitigation.methods import METHODS, NEGATIVE_PROMPTS
-from ..models import RANDOM_MODELS
+from ..models import PLANTED, RANDOM_MODELS, planted_weights_digest
 
 # The paper's professions (Section 4.1).
 PAPER_PROFESSIONS = (
@@ -48,8 +48,9 @@ PAPER_PROFESSIONS = (
 )
 # Axes the mitigation methods know: negative prompting and Fair Diffusion need per-axis prompts.
 KNOWN_AXES = tuple(NEGATIVE_PROMPTS)
-# The offline random-weight pipelines the guided sampler runs (it takes SD1.x/2.x, not SDXL).
-RANDOM_WEIGHT_MODELS = tuple(name for name in RANDOM_MODELS if name != "tiny-sdxl")
+# The offline pipelines the guided sampler runs (it takes SD1.x/2.x, not SDXL): the planted
+# world's trained model and the random-weight builders.
+OFFLINE_MODELS = (PLANTED, *(name for name in RANDOM_MODELS if name != "tiny-sdxl"))
 DEFAULT_CLASS_PROMPT = "a photo of the face of a {cls} person"
 
 
@@ -258,12 +259,12 @@ class AuditConfig(_Strict):
     @field_validator("model")
     @classmethod
     def _model(cls, value: str) -> str:
-        if value in RANDOM_WEIGHT_MODELS:
+        if value in OFFLINE_MODELS:
             return value
         if value == "tiny-sdxl":
             raise ValueError(
                 "tiny-sdxl is not supported by the guided sampler (SD1.x/2.x only); "
-                f"use one of {list(RANDOM_WEIGHT_MODELS)}, a local folder or a hub id"
+                f"use one of {list(OFFLINE_MODELS)}, a local folder or a hub id"
             )
         expanded = os.path.expanduser(value)
         if _looks_like_path(value) and not os.path.isdir(expanded):
@@ -271,7 +272,7 @@ class AuditConfig(_Strict):
                 f"model folder {value!r} does not exist; give an existing local folder (written "
                 "by save_pretrained or huggingface-cli download), a hub id such as "
                 "'stable-diffusion-v1-5/stable-diffusion-v1-5', or one of "
-                f"{list(RANDOM_WEIGHT_MODELS)}"
+                f"{list(OFFLINE_MODELS)}"
             )
         return value
 
@@ -339,6 +340,10 @@ class AuditConfig(_Strict):
                 "clip_model",
             }
         )
+        if PLANTED in (self.model, self.clip_model):
+            # "planted" names whatever weights this checkout ships; a retrained model is
+            # another experiment.
+            identity["planted_weights"] = planted_weights_digest()
         text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 

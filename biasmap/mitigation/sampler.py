@@ -12,7 +12,8 @@ under no_grad, and the chosen half with autograd from z_t through its queries. T
 capture processors of `biasmap.trace` turn that half's cross-attention into this
 step's concept maps; E = SoftIoU(SoftTopK(M_a), SoftTopK(M_b)) is differentiated
 back to z_t, and eps_final = eps_cfg + lambda * sqrt(1 - alphabar_t) * dE/dz_t goes to
-the scheduler. Steps without guidance run the batched forward exactly as diffusers'
+the scheduler (in the model's own parameterisation for v- and x0-prediction models:
+`guidance_factor`). Steps without guidance run the batched forward exactly as diffusers'
 StableDiffusionPipeline does, so lambda_=0 reproduces its images bit for bit. The maps
 of every step are also summed into the run's AttributionMaps, so the final IoU needs
 no second generation.
@@ -87,6 +88,33 @@ def alphabar(scheduler, timestep) -> float:
     high = min(low + 1, len(table) - 1)
     frac = t - low
     return float(table[low]) * (1 - frac) + float(table[high]) * frac
+
+
+def guidance_factor(scheduler, timestep) -> float:
+    """The factor that turns lambda * dE/dz_t into the model output's own parameterisation.
+
+    Algorithm 1 adds lambda * sqrt(1 - alphabar_t) * dE/dz_t to the noise prediction eps.
+    With z_t fixed, the other parameterisations are affine in eps, so the same step is
+    (a = alphabar_t):
+    - "epsilon": d eps = sqrt(1 - a) * lambda * grad;
+    - "v_prediction": eps = sqrt(1 - a) z_t + sqrt(a) v, so d v = d eps / sqrt(a), and the
+      factor is sqrt(1 - a) / sqrt(a);
+    - "sample": x0 = (z_t - sqrt(1 - a) eps) / sqrt(a), so d x0 = -sqrt(1 - a) / sqrt(a) d eps,
+      and the factor is -(1 - a) / sqrt(a).
+    Each gives the scheduler the same x0 and eps it would get from eps + d eps.
+    """
+    a = alphabar(scheduler, timestep)
+    kind = getattr(scheduler.config, "prediction_type", "epsilon")
+    if kind == "epsilon":
+        return math.sqrt(1.0 - a)
+    if kind == "v_prediction":
+        return math.sqrt(1.0 - a) / math.sqrt(a)
+    if kind == "sample":
+        return -(1.0 - a) / math.sqrt(a)
+    raise ValueError(
+        f"energy guidance supports prediction_type 'epsilon', 'v_prediction' or 'sample', "
+        f"got {kind!r}"
+    )
 
 
 class _StepCapture(Trace):
@@ -425,7 +453,7 @@ def guided_generate(
                     if settings.grad_norm_gate is not None:
                         use = norms < settings.grad_norm_gate
                     applied[step] = use.cpu()
-                    scale = lambda_ * math.sqrt(1.0 - alphabar(scheduler, t))
+                    scale = lambda_ * guidance_factor(scheduler, t)
                     gate = use.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
                     eps = eps + scale * gate * grad.to(eps.dtype)
                 latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
