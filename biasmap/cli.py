@@ -39,8 +39,9 @@ def maps(
     ),
     more_concepts: Annotated[list[str] | None, typer.Argument(hidden=True)] = None,
     model: str = typer.Option(
-        "tiny",
-        help="tiny, tiny-sd2, tiny-sdxl, random-sd15 (random weights), a local folder or a hub id.",
+        "planted",
+        help="planted (the trained planted-world model shipped with biasmap), tiny, tiny-sd2, "
+        "tiny-sdxl, random-sd15 (random weights), a local folder or a hub id.",
     ),
     seed: int = typer.Option(0, help="Seed of the first image; image i uses seed + i."),
     num_images: int = typer.Option(1, "--num-images", min=1, help="Images to generate."),
@@ -154,7 +155,9 @@ def generate(
     lambda_: float = typer.Option(100.0, "--lambda", min=0.0, help="Energy guidance strength."),
     preset: str = typer.Option("paper", help="paper or official (the authors' code)."),
     model: str = typer.Option(
-        "tiny", help="tiny, random-sd15 (random weights), a local folder or a hub id."
+        "planted",
+        help="planted (the trained planted-world model shipped with biasmap), tiny, "
+        "random-sd15 (random weights), a local folder or a hub id.",
     ),
     steps: int = typer.Option(50, min=1, help="Sampler steps."),
     guidance: float = typer.Option(None, help="CFG scale (default: the preset's)."),

@@ -561,6 +561,38 @@ def export(folder: Path, vae, clip, unet) -> None:
     (clip_folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
 
 
+def step_seconds(out: Path, stage: str) -> float:
+    """Wall seconds of a stage's training steps, summed over every invocation (resumes too)."""
+    with open(out / "logs" / f"{stage}.csv") as handle:
+        return round(sum(float(row["seconds"]) for row in csv.DictReader(handle)), 1)
+
+
+def plot_losses(out: Path) -> Path:
+    """`<out>/losses.png`: every stage's loss curves from `<out>/logs/*.csv` (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(STAGES), figsize=(4 * len(STAGES), 3))
+    for axis, stage in zip(axes, STAGES, strict=True):
+        with open(out / "logs" / f"{stage}.csv") as handle:
+            rows = list(csv.DictReader(handle))
+        steps = np.array([int(r["step"]) for r in rows])
+        for name in [k for k in rows[0] if k not in ("step", "seconds", "scale", "kl")]:
+            values = np.array([float(r[name]) for r in rows])
+            window = max(1, len(values) // 100)  # a moving average keeps the trend readable
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            axis.plot(steps[window - 1 :], smooth, label=name)
+        axis.set(title=stage, xlabel="step", yscale="log")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    path = out / "losses.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
 def versions() -> dict:
     import diffusers
     import transformers
@@ -615,9 +647,11 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "final": {"vae": vae_summary, "clip": clip_summary, "unet": unet_summary},
         "seconds_this_invocation": round(time.time() - began, 1),
+        "step_seconds_per_stage": {stage: step_seconds(out, stage) for stage in STAGES},
         "noise_schedule": noise_schedule_config(),
     }
     (out / "training.json").write_text(json.dumps(record, indent=2))
+    plot_losses(out)
     (folder / "training.json").write_text(json.dumps(record, indent=2))
     print(f"exported to {folder}", flush=True)
     return 0
