@@ -369,16 +369,17 @@ def run_stage(
 # --------------------------------------------------------------------------- stages
 
 
-def train_vae(out: Path, budget: Budget, seed: int):
+def train_vae(out: Path, budget: Budget, seed: int, device: torch.device):
     torch.manual_seed(seed)
-    vae = build_vae()
+    vae = build_vae().to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
 
     def step(s: int) -> dict:
         rng, generator = step_rng(seed, "vae", s)
-        x = to_unit_range(sample_batch(budget.vae_batch, rng).images)
+        x = to_unit_range(sample_batch(budget.vae_batch, rng).images).to(device)
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
+        z = posterior.mean + posterior.std * noise
         recon = vae.decode(z).sample
         mse = F.mse_loss(recon, x)
         kl = posterior.kl().mean() / z[0].numel()
@@ -402,19 +403,21 @@ def train_vae(out: Path, budget: Budget, seed: int):
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         rng, generator = step_rng(seed, "vae", budget.vae_steps)
-        x = to_unit_range(sample_batch(256, rng).images)
-        latents = vae.encode(x).latent_dist.sample(generator)
+        x = to_unit_range(sample_batch(256, rng).images).to(device)
+        posterior = vae.encode(x).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
+        latents = posterior.mean + posterior.std * noise
         scale = 1.0 / latents.std().item()
         psnr = (10 * torch.log10(4.0 / F.mse_loss(vae.decode(latents).sample, x))).item()
     vae.register_to_config(scaling_factor=scale)
     return vae, {**final, "scaling_factor": scale, "psnr_db": psnr}
 
 
-def train_clip(out: Path, budget: Budget, seed: int):
+def train_clip(out: Path, budget: Budget, seed: int, device: torch.device):
     from ..models import clip_tokenizer
 
     torch.manual_seed(seed + 1)
-    clip = build_clip(budget.text_width)
+    clip = build_clip(budget.text_width).to(device)
     tokenizer = clip_tokenizer()
     optimizer = torch.optim.AdamW(clip.parameters(), lr=5e-4, weight_decay=0.01)
 
@@ -422,10 +425,14 @@ def train_clip(out: Path, budget: Budget, seed: int):
         rng, _ = step_rng(seed, "clip", s)
         batch = sample_batch(budget.clip_batch, rng)
         captions, named = clip_captions(batch, rng)
-        target = compatibility(batch, named)
+        target = compatibility(batch, named).to(device)
         tokens = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt")
+        tokens = {k: v.to(device) for k, v in tokens.items()}
         image = F.normalize(
-            clip.get_image_features(pixel_values=to_clip_pixels(batch.images)).pooler_output, dim=-1
+            clip.get_image_features(
+                pixel_values=to_clip_pixels(batch.images).to(device)
+            ).pooler_output,
+            dim=-1,
         )
         text = F.normalize(clip.get_text_features(**tokens).pooler_output, dim=-1)
         logits = clip.logit_scale.clamp(max=math.log(100.0)).exp() * image @ text.T
@@ -449,7 +456,7 @@ def train_clip(out: Path, budget: Budget, seed: int):
         peak_lr=5e-4,
     )
     clip.eval().requires_grad_(False)
-    return clip, {**final, **zero_shot_accuracy(clip, tokenizer, seed)}
+    return clip.cpu(), {**final, **zero_shot_accuracy(clip.cpu(), tokenizer, seed)}
 
 
 @torch.no_grad()
@@ -477,20 +484,20 @@ def zero_shot_accuracy(clip, tokenizer, seed: int, n: int = 512) -> dict:
     return accuracy
 
 
-def train_unet(out: Path, budget: Budget, seed: int, vae, text_encoder):
+def train_unet(out: Path, budget: Budget, seed: int, vae, text_encoder, device: torch.device):
     from diffusers import DDPMScheduler
 
     from ..models import clip_tokenizer
 
     torch.manual_seed(seed + 2)
-    unet = build_unet(budget.unet_channels, budget.text_width)
+    unet = build_unet(budget.unet_channels, budget.text_width).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = DDPMScheduler(**noise_schedule_config())
     tokenizer = clip_tokenizer()
     captions = unet_caption_set()
     with torch.no_grad():
         tokens = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt")
-        embeddings = text_encoder(tokens.input_ids)[0]
+        embeddings = text_encoder(tokens.input_ids)[0].to(device)
     index = {c: i for i, c in enumerate(captions)}
     optimizer = torch.optim.AdamW(unet.parameters(), lr=budget.lr_unet, weight_decay=0.0)
     scale = vae.config.scaling_factor
@@ -500,9 +507,11 @@ def train_unet(out: Path, budget: Budget, seed: int, vae, text_encoder):
         batch = sample_batch(budget.unet_batch, rng)
         condition = embeddings[[index[c] for c in unet_captions(batch, rng)]]
         with torch.no_grad():
-            latents = vae.encode(to_unit_range(batch.images)).latent_dist.sample(generator) * scale
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, 1000, (len(latents),), generator=generator)
+            posterior = vae.encode(to_unit_range(batch.images).to(device)).latent_dist
+            draw = torch.randn(posterior.mean.shape, generator=generator).to(device)
+            latents = (posterior.mean + posterior.std * draw) * scale
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, 1000, (len(latents),), generator=generator).to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = scheduler.get_velocity(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, encoder_hidden_states=condition).sample
@@ -623,6 +632,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unet-steps", type=int, default=None, help="override the budget's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda when there is one); data and noise are drawn on the "
+        "CPU either way, so only floating-point rounding differs",
+    )
     args = parser.parse_args(argv)
     budget = BUDGETS[args.budget]
     if args.unet_steps is not None:
@@ -633,10 +648,12 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     began = time.time()
-    vae, vae_summary = train_vae(out, budget, args.seed)
-    clip, clip_summary = train_clip(out, budget, args.seed)
+    device = torch.device(args.device)
+    vae, vae_summary = train_vae(out, budget, args.seed, device)
+    clip, clip_summary = train_clip(out, budget, args.seed, device)
     print(f"[clip] {clip_summary}", flush=True)
-    unet, unet_summary = train_unet(out, budget, args.seed, vae, text_tower(clip))
+    unet, unet_summary = train_unet(out, budget, args.seed, vae, text_tower(clip), device)
+    vae, unet = vae.cpu(), unet.cpu()
     folder = args.export or out / "export"
     export(folder, vae, clip, unet)
     record = {
