@@ -126,6 +126,12 @@ def test_two_stage_aggregation_sums_at_the_largest_block_then_expands():
     )
     with pytest.raises(ValueError, match="aggregation"):
         aggregate_blocks(list(sums.values()), size, "three-stage")
+    # Two-stage maps at the largest block resolution, resized later: OVAM's second stage.
+    at_largest = AttributionMaps.from_block_sums(
+        sums, (16, 16), ["a", "b"], aggregation="two-stage"
+    )
+    assert at_largest.meta["aggregation"] == "two-stage"
+    torch.testing.assert_close(at_largest.resize(size).aggregate, expected)
 
 
 def test_plots_render(random_maps, tmp_path):

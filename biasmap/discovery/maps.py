@@ -92,6 +92,7 @@ class AttributionMaps:
             aggregate = resized.sum(dim=1)  # the same sum, without resizing twice
         else:
             aggregate = aggregate_blocks(sums, tuple(size), aggregation)
+        meta = {**(meta or {}), "aggregation": aggregation}
         return cls(blocks, concepts, aggregate=aggregate, meta=meta)
 
     # ------------------------------------------------------------------ access
@@ -167,12 +168,20 @@ class AttributionMaps:
     # ------------------------------------------------------------------ transforms
 
     def resize(self, size: int | tuple[int, int]) -> AttributionMaps:
-        """New maps resized bilinearly (align_corners=False) to `size`: S or (S_h, S_w)."""
+        """New maps resized bilinearly (align_corners=False) to `size`: S or (S_h, S_w).
+
+        The aggregate is the sum of the resized blocks, except for two-stage maps
+        (meta["aggregation"] == "two-stage", OVAM's), whose aggregate is itself resized: that is
+        OVAM's second stage when the maps are at the largest block resolution.
+        """
         size = (size, size) if isinstance(size, int) else tuple(size)
         names = list(self.blocks)
         resized = ops.resize_aggregate([self.blocks[n] for n in names], size, per_map=True)
         blocks = dict(zip(names, resized.unbind(dim=1), strict=True))
-        return AttributionMaps(blocks, self.concepts, aggregate=resized.sum(dim=1), meta=self.meta)
+        aggregate = resized.sum(dim=1)
+        if self.meta.get("aggregation") == "two-stage":
+            aggregate = ops.resize_aggregate([self.aggregate], size)
+        return AttributionMaps(blocks, self.concepts, aggregate=aggregate, meta=self.meta)
 
     def select(self, index: int | slice | Sequence[int]) -> AttributionMaps:
         """Maps of some batch entries (an int keeps a batch dimension of 1)."""

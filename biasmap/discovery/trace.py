@@ -448,7 +448,6 @@ class Trace:
             concepts=self.concepts,
             aggregation=aggregation,
             meta={
-                "aggregation": aggregation,
                 "attribution_prompt": self.attribution_prompt,
                 "prompt_tokens": [t.replace("</w>", "") for t in self.tokens.prompt_tokens],
                 "concept_positions": [list(p) for p in self.tokens.positions],
