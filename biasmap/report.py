@@ -28,6 +28,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from biasmap.audit import metrics as audit_metrics
+from biasmap.audit import stats as audit_stats
 from biasmap.audit.metrics import GroupMetrics, Table, method_label
 from biasmap.audit.runner import RUN_FILE
 from biasmap.models import PLANTED, RANDOM_MODELS
@@ -264,8 +265,8 @@ def _block_tables(
             [
                 method_label(g.method, g.lambda_),
                 g.profession or "all (mean)",
-                *[g.block_biou.get(b) for b in blocks],
-                g.mbiou,
+                *[g.block_estimate(b) for b in blocks],
+                g.estimate("mbiou"),
             ]
             for g in sorted(
                 groups,
@@ -309,11 +310,10 @@ def _fid_table(fid_scores) -> Table:
             ),
         )
     ]
-    note = None
     if fid_scores.unavailable:
         note = f"FID unavailable: {fid_scores.unavailable}"
-    elif fid_scores.notes:
-        note = "; ".join(fid_scores.notes)
+    else:
+        note = "; ".join([*fid_scores.notes, audit_metrics.FID_WITHOUT_INTERVAL])
     return Table(
         id="table-fid",
         caption="FID of each method against the sd images of the same profession, axis and "
@@ -339,6 +339,7 @@ th, td { border: 1px solid #bbb; padding: 0.25em 0.5em; text-align: right; }
 th { background: #eef; } td:first-child, th:first-child { text-align: left; }
 caption { caption-side: top; text-align: left; font-weight: 600; padding: 0.3em 0; }
 .note { color: #844; font-size: 0.85em; margin: 0 0 1em; }
+.legend { font-size: 0.85em; }
 .warning { background: #fff3cd; border: 1px solid #e0c060; padding: 0.6em; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
 .examples td { text-align: center; vertical-align: top; font-size: 0.75em; }
@@ -386,6 +387,17 @@ classes back.</p>
 {% for message in ground_truth.notes %}<p class="note">{{ message }}</p>{% endfor %}
 {% for table in ground_truth.tables %}{{ render(table) }}{% endfor %}
 {% endif %}
+
+<p class="legend">Cells read <em>value [95% interval]</em>: a percentile bootstrap over
+seeds ({{ n_resamples }} resamples, seed {{ random_seed }}), within each profession; pooled values
+resample every profession's seeds jointly and average. Methods other than sd also show
+<em>Δ difference [95% interval]</em> with sd on the same seeds and professions (paired
+bootstrap), and <strong>*</strong> where that difference is significant at a false discovery
+rate of {{ fdr }}: a paired permutation test (method and sd swapped within seeds; for RD too),
+Benjamini-Hochberg adjusted across professions (and blocks for per-block BIoU), or across
+methods for pooled rows. p-values and adjusted p-values are in the CSVs
+(<code>M_p</code>, <code>M_p_bh</code>). Fewer than 2 seeds: no interval. FID has no
+interval.</p>
 
 <h2>Summary (paper Tables 1-2)</h2>
 {% for table in summary_tables %}{{ render(table) }}{% endfor %}
@@ -465,6 +477,7 @@ def write_report(
 
     per_profession = audit_metrics.profession_metrics(store.table)
     pooled = audit_metrics.pooled_metrics(per_profession)
+    per_profession, pooled = audit_stats.attach_statistics(store.table, per_profession, pooled)
     if fid_weights is None and fid_feature is None:
         fid_weights = configured_fid_weights(run_dir)
     fid = fid_scores(
@@ -589,6 +602,9 @@ def write_report(
         block_figures=block_figures,
         lambda_figures=lambda_figures,
         examples=_examples(store.table, run_dir, report_dir),
+        n_resamples=audit_stats.N_RESAMPLES,
+        random_seed=audit_stats.SEED,
+        fdr=audit_stats.FDR,
     )
     path = report_dir / "index.html"
     path.write_text(html, encoding="utf-8")

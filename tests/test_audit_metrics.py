@@ -3,6 +3,7 @@ computed by hand on the fixture store of tests/audit_fixtures.py."""
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import random
 from collections import defaultdict
@@ -217,16 +218,19 @@ def test_tables_lay_out_the_papers_tables(store):
     gender = summary["table-summary-gender"]
     assert gender.columns == ["method", "professions", "images", "RD", "mIoU", "mBIoU", "FID"]
     assert [row[0] for row in gender.rows] == ["sd", "biasmap (λ=100)", "biasmap (λ=200)", "fd"]
-    assert gender.rows[0][3:6] == pytest.approx([5 / 12, 0.3, 0.3])
+    assert [cell.value for cell in gender.rows[0][3:6]] == pytest.approx([5 / 12, 0.3, 0.3])
     assert gender.rows[3][6] == 12.5 and gender.rows[0][6] is None
+    # Without attached statistics the cells are the bare values.
     assert gender.formatted(gender.rows[0])[3:] == ["0.417", "0.300", "0.300", "–"]
+    assert gender.note == metrics.FID_WITHOUT_INTERVAL
 
     (table,) = [t for t in metrics.profession_tables(per_profession) if t.id.endswith("gender")]
     assert [row[0] for row in table.rows] == ["chef", "nurse"]
     assert table.header_groups == [("", 1), ("mIoU", 4), ("mBIoU", 4), ("RD", 4)]
-    assert table.csv_header()[1] == "mIoU / sd" and table.csv_header()[-1] == "RD / fd"
+    assert table.csv_header()[1:3] == ["mIoU / sd", "mIoU / sd_ci_low"]
+    assert table.csv_header()[-8:-6] == ["RD / fd", "RD / fd_ci_low"]
     nurse = table.rows[1]
-    assert nurse[1] == pytest.approx(0.35) and nurse[9] == pytest.approx(0.5)
+    assert nurse[1].value == pytest.approx(0.35) and nurse[9].value == pytest.approx(0.5)
 
     swept = metrics.lambda_tables(per_profession, pooled)
     assert {t.id for t in swept} == {
@@ -235,7 +239,8 @@ def test_tables_lay_out_the_papers_tables(store):
     miou = next(t for t in swept if t.id == "table-lambda-miou-gender-biasmap")
     assert miou.columns == ["profession", "λ=100", "λ=200"]
     # nurse sd iou 0.4, 0.3, 0.5, 0.2 shifted down by 0.1 / 0.15.
-    assert miou.rows[1] == ["nurse", pytest.approx(0.25), pytest.approx(0.2)]
+    assert miou.rows[1][0] == "nurse"
+    assert [cell.value for cell in miou.rows[1][1:]] == pytest.approx([0.25, 0.2])
     assert miou.rows[2][0] == "all (mean)"
 
 
@@ -247,12 +252,32 @@ def test_no_lambda_table_without_a_sweep(tmp_path):
 
 
 def test_table_csv_round_trip(tmp_path, store):
-    pooled = metrics.pooled_metrics(metrics.profession_metrics(store.table))
+    """The CSV contract: per metric column M, M_ci_low, M_ci_high and, on rows compared with sd,
+    M_delta, M_delta_ci_low, M_delta_ci_high, M_p and M_p_bh (empty on the sd row)."""
+    from biasmap.audit.stats import attach_statistics
+
+    per_profession = metrics.profession_metrics(store.table)
+    _, pooled = attach_statistics(
+        store.table, per_profession, metrics.pooled_metrics(per_profession)
+    )
     table = metrics.summary_tables(pooled)[0]
-    text = table.write_csv(tmp_path / "t.csv").read_text().splitlines()
-    assert text[0] == "method,professions,images,RD,mIoU,mBIoU,FID"
-    method, _, images, rd, *_ = text[1].split(",")
-    assert (method, images, float(rd)) == ("sd", "8", pytest.approx(5 / 12))
+    suffixes = ["", "_ci_low", "_ci_high", "_delta", "_delta_ci_low", "_delta_ci_high", "_p"]
+    expected_header = ["method", "professions", "images"]
+    for metric in ("RD", "mIoU", "mBIoU"):
+        expected_header += [metric + suffix for suffix in [*suffixes, "_p_bh"]]
+    with (table.write_csv(tmp_path / "t.csv")).open() as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == [*expected_header, "FID"]
+        written = {row["method"]: row for row in reader}
+    sd, biasmap = written["sd"], written["biasmap (λ=100)"]
+    assert (sd["images"], float(sd["RD"])) == ("8", pytest.approx(5 / 12))
+    assert float(sd["mIoU_ci_low"]) < 0.3 < float(sd["mIoU_ci_high"])
+    assert sd["mIoU_delta"] == sd["mIoU_p"] == sd["mIoU_p_bh"] == ""
+    estimate = next(g for g in pooled if g.method == "biasmap" and g.lambda_ == 100).estimates
+    for metric, name in (("miou", "mIoU"), ("mbiou", "mBIoU"), ("rd", "RD")):
+        values = [biasmap[name + suffix] for suffix in [*suffixes, "_p_bh"]]
+        assert [float(v) for v in values] == estimate[metric].csv_values()  # full precision
+    assert float(biasmap["mIoU_delta"]) == pytest.approx(-0.1)
 
 
 def test_schema_is_what_the_fixture_writes():

@@ -203,6 +203,87 @@ def test_official_energy_is_the_authors_rowwise_sinkhorn_on_raw_maps():
     torch.testing.assert_close(energy, torch.stack(expected))
 
 
+def _bilinear(maps, size):
+    return torch.nn.functional.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+def _two_stage(blocks, size):
+    """OVAM's aggregation, written out: every block to the largest block's resolution, summed,
+    then that sum to `size`."""
+    largest = max((tuple(b.shape[-2:]) for b in blocks), key=lambda hw: hw[0] * hw[1])
+    return _bilinear(sum(_bilinear(b, largest) for b in blocks), size)
+
+
+def _authors_energy(maps):
+    """The authors' SoftIoU [B] of maps [B, 2, S, S]: row-wise Sinkhorn top-k on raw sums."""
+    energies = []
+    for image in maps:
+        ma, mb = _authors_topk(image[0]), _authors_topk(image[1])
+        inter = (ma * mb).sum()
+        energies.append(inter / (ma.sum() + mb.sum() - inter + 1e-8))
+    return torch.stack(energies)
+
+
+def test_official_energy_aggregates_in_two_stages_then_expands_to_64():
+    gen = _gen(12)
+    step_maps = {
+        "down-16": torch.rand(2, 2, 16, 16, generator=gen, dtype=torch.float64) * 3,
+        "up-8": torch.rand(2, 2, 8, 8, generator=gen, dtype=torch.float64) * 3,
+    }
+    settings = PRESETS["official"]
+    assert (settings.aggregation, settings.guidance_map_size) == ("two-stage", 64)
+    energy = _energy(step_maps, 0, 1, (64, 64), settings, 0.7)
+    expected = _authors_energy(_two_stage(list(step_maps.values()), (64, 64)))
+    torch.testing.assert_close(energy, expected)
+    one_stage = _energy(step_maps, 0, 1, (64, 64), settings.override(aggregation="one-stage"), 0.7)
+    assert (one_stage - expected).abs().max() > 1e-3  # the test tells the two apart
+
+
+def test_official_run_matches_the_authors_two_stage_maps_per_step_and_at_the_end(pipe):
+    """Tiny pipeline, lambda=0 (so the trajectory is plain CFG 7.0): the first step's energy is
+    the authors' on the two-stage 64x64 maps, and the final maps are the two-stage sum expanded
+    to the image size, against maps traced independently with biasmap.trace."""
+    import biasmap
+
+    out = guided_generate(
+        pipe,
+        P,
+        A,
+        CONCEPTS,
+        lambda_=0.0,
+        preset="official",
+        num_inference_steps=2,
+        generator=_gen(5),
+        output_type="np",
+    )
+    image_size = tuple(out.images.shape[1:3])
+    traced = {}
+    for steps in ([0], None):
+        with biasmap.trace(pipe, A, CONCEPTS, cfg_half="uncond", timesteps=steps) as tr:
+            pipe(P, num_inference_steps=2, guidance_scale=7.0, generator=_gen(5), output_type="np")
+        traced[steps is None] = tr._state.sums, dict(tr._names)  # raw block sums [B, C, h, w]
+
+    def raw_blocks(everything):
+        sums, names = traced[everything]
+        return {names[key]: value.double() for key, value in sums.items()}
+
+    first = list(raw_blocks(False).values())
+    assert len({tuple(b.shape[-2:]) for b in first}) > 1  # blocks of several resolutions
+    expected_energy = _authors_energy(_two_stage(first, (64, 64))).float()
+    torch.testing.assert_close(out.energies[0], expected_energy, atol=1e-4, rtol=0)
+    one_stage = _authors_energy(sum(_bilinear(b, (64, 64)) for b in first)).float()
+    assert (one_stage - expected_energy).abs().max() > 1e-3
+
+    blocks = raw_blocks(True)
+    assert out.maps.size == image_size
+    expected_aggregate = _two_stage(list(blocks.values()), image_size).float()
+    torch.testing.assert_close(out.maps.aggregate, expected_aggregate, atol=1e-4, rtol=1e-4)
+    for name, block in blocks.items():  # BIoU: each block resized straight to the image size
+        torch.testing.assert_close(
+            out.maps.blocks[name], _bilinear(block, image_size).float(), atol=1e-4, rtol=1e-4
+        )
+
+
 def test_official_preset_uses_the_uncond_half_gate_and_strict_masks(pipe):
     import biasmap
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from biasmap.discovery.maps import AttributionMaps
+from biasmap.discovery.maps import AttributionMaps, aggregate_blocks
 
 
 def hand_iou(x: np.ndarray, y: np.ndarray, q: float) -> float:
@@ -93,6 +93,45 @@ def test_from_block_sums_resizes_each_block():
             sums["down-4"], size=(8, 8), mode="bilinear", align_corners=False
         ),
     )
+
+
+def _bilinear(maps, size):
+    return torch.nn.functional.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+def test_two_stage_aggregation_sums_at_the_largest_block_then_expands():
+    """OVAM's aggregation, against plain F.interpolate: blocks to the largest block resolution,
+    summed, then the sum to the map size. Block maps are resized straight to the map size."""
+    gen = torch.Generator().manual_seed(4)
+    sums = {
+        "down-16": torch.rand(2, 2, 16, 16, generator=gen, dtype=torch.float64),
+        "down-8": torch.rand(2, 2, 8, 8, generator=gen, dtype=torch.float64),
+        "up-4": torch.rand(2, 2, 4, 4, generator=gen, dtype=torch.float64),
+    }
+    size = (40, 40)
+    stage_one = sum(_bilinear(block, (16, 16)) for block in sums.values())
+    expected = _bilinear(stage_one, size)
+    maps = AttributionMaps.from_block_sums(sums, size, ["a", "b"], aggregation="two-stage")
+    torch.testing.assert_close(maps.aggregate, expected)
+    torch.testing.assert_close(aggregate_blocks(list(sums.values()), size, "two-stage"), expected)
+    for name, block in sums.items():
+        torch.testing.assert_close(maps.blocks[name], _bilinear(block, size))
+    # The paper's one-stage sum is another map: resizes do not compose.
+    one_stage = AttributionMaps.from_block_sums(sums, size, ["a", "b"])
+    torch.testing.assert_close(one_stage.aggregate, sum(_bilinear(b, size) for b in sums.values()))
+    assert (one_stage.aggregate - expected).abs().max() > 1e-3
+    # At the largest block resolution the two stages are one.
+    torch.testing.assert_close(
+        aggregate_blocks(list(sums.values()), (16, 16), "two-stage"), stage_one
+    )
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate_blocks(list(sums.values()), size, "three-stage")
+    # Two-stage maps at the largest block resolution, resized later: OVAM's second stage.
+    at_largest = AttributionMaps.from_block_sums(
+        sums, (16, 16), ["a", "b"], aggregation="two-stage"
+    )
+    assert at_largest.meta["aggregation"] == "two-stage"
+    torch.testing.assert_close(at_largest.resize(size).aggregate, expected)
 
 
 def test_plots_render(random_maps, tmp_path):

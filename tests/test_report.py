@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from audit_fixtures import fixture_rows, tiny_feature_net, write_row_images, write_store
 
-from biasmap.audit import metrics
+from biasmap.audit import metrics, stats
 from biasmap.audit.fid import fid_scores
 from biasmap.report import overlay_candidates, write_report
 
@@ -105,12 +105,32 @@ def test_report_has_every_table_with_the_fixture_numbers(full_run):
     assert "paper Table 6" in report.captions["table-lambda-miou-gender-biasmap"]
     assert "paper Table 7" in report.captions["table-lambda-fid-gender-biasmap"]
 
-    # Tables 1-2: pooled sd gender = mean over nurse (RD 0.5, mIoU 0.35) and chef (1/3, 0.25).
+    # Tables 1-2: pooled sd gender = mean over nurse (RD 0.5, mIoU 0.35) and chef (1/3, 0.25),
+    # each with its interval; the other methods with their paired difference with sd.
+    table = metrics.read_store(full_run).table
+    per_profession = metrics.profession_metrics(table)
+    per_profession, pooled = stats.attach_statistics(
+        table, per_profession, metrics.pooled_metrics(per_profession)
+    )
     summary = report.tables["table-summary-gender"]
     assert summary[0] == ["method", "professions", "images", "RD", "mIoU", "mBIoU", "FID"]
-    assert _row(summary, "sd") == ["sd", "2", "8", "0.417", "0.300", "0.300", "–"]
-    assert _row(summary, "fd")[3:6] == ["0.250", "0.288", "0.275"]
-    assert _row(report.tables["table-summary-race"], "sd")[3] == "0.875"
+    sd_row = _row(summary, "sd")
+    assert sd_row[:3] == ["sd", "2", "8"] and sd_row[6] == "–"
+    assert [cell.split(" [")[0] for cell in sd_row[3:6]] == ["0.417", "0.300", "0.300"]
+    sd = next(g for g in pooled if (g.axis, g.method) == ("gender", "sd"))
+    assert (
+        sd_row[4]
+        == f"0.300 [{sd.estimates['miou'].ci_low:.3f}, {sd.estimates['miou'].ci_high:.3f}]"
+    )
+    assert [cell.split(" [")[0] for cell in _row(summary, "fd")[3:6]] == ["0.250", "0.288", "0.275"]
+    # Every seed of biasmap has IoU 0.1 below sd's: significant at FDR 0.05 (marked "*");
+    # fd's differences are not.
+    biasmap_miou = _row(summary, "biasmap (λ=100)")[4]
+    assert biasmap_miou.startswith("0.200 [") and " Δ -0.100 [" in biasmap_miou
+    assert biasmap_miou.endswith("*") and not _row(summary, "fd")[4].endswith("*")
+    race_rd = _row(report.tables["table-summary-race"], "sd")[3]
+    assert race_rd.startswith("0.875 [")
+    assert "FID is given without an interval" in html.read_text()
 
     # FID: the numbers shown are the FID module's, for the pooled and per-profession groups.
     scores = fid_scores(full_run, metrics.read_store(full_run).table, feature=feature)
@@ -131,15 +151,20 @@ def test_report_has_every_table_with_the_fixture_numbers(full_run):
     assert professions[0] == ["", "mIoU", "mBIoU", "RD"]
     assert professions[1][:5] == ["profession", "sd", "biasmap (λ=100)", "biasmap (λ=200)", "fd"]
     nurse = _row(professions, "nurse")
-    assert nurse[1] == "0.350" and nurse[9] == "0.500" and nurse[12] == "0.000"
-    assert _row(report.tables["table-professions-race"], "nurse")[3] == "0.750"
+    assert [nurse[i].split(" ")[0] for i in (1, 9, 12)] == ["0.350", "0.500", "0.000"]
+    assert " Δ -0.500 [" in nurse[12]  # fd's RD minus sd's on the same seeds
+    assert _row(report.tables["table-professions-race"], "nurse")[3].startswith("0.750 [")
 
     # Tables 6-7: mIoU vs lambda per profession and pooled.
     sweep = report.tables["table-lambda-miou-gender-biasmap"]
     assert sweep[0] == ["profession", "λ=100", "λ=200"]
-    assert _row(sweep, "nurse") == ["nurse", "0.250", "0.200"]
+    assert [cell.split(" ")[0] for cell in _row(sweep, "nurse")] == ["nurse", "0.250", "0.200"]
     # chef at λ=200: iou 0.1, 0.2, 0.3, 0.4 shifted by -0.15 and clamped at 0 -> 0.1125.
-    assert _row(sweep, "all (mean)") == ["all (mean)", "0.200", f"{(0.2 + 0.1125) / 2:.3f}"]
+    assert [cell.split(" ")[0] for cell in _row(sweep, "all (mean)")] == [
+        "all",
+        "0.200",
+        f"{(0.2 + 0.1125) / 2:.3f}",
+    ]
     fid_sweep = report.tables["table-lambda-fid-gender-biasmap"]
     expected_fid = scores.values[("gender", "biasmap", 200.0, "chef")]
     assert _row(fid_sweep, "chef")[2] == f"{expected_fid:.2f}"
@@ -147,16 +172,27 @@ def test_report_has_every_table_with_the_fixture_numbers(full_run):
     # Per-block table (Figures 4-6 data): nurse sd blocks 0.45, 0.25, 0.2, 0.5.
     blocks = report.tables["table-blocks-gender"]
     assert blocks[0] == ["method", "profession", "down-16", "down-8", "up-8", "up-16", "mBIoU"]
-    assert ["sd", "nurse", "0.450", "0.250", "0.200", "0.500", "0.350"] in blocks
+    values = [[cell.split(" [")[0] for cell in row] for row in blocks]
+    assert ["sd", "nurse", "0.450", "0.250", "0.200", "0.500", "0.350"] in values
     # ... and the mean over nurse and chef (0.35, 0.2, 0.15, 0.3) per block.
-    assert ["sd", "all (mean)", "0.400", "0.225", "0.175", "0.400", "0.300"] in blocks
+    assert ["sd", "all (mean)", "0.400", "0.225", "0.175", "0.400", "0.300"] in values
+    nurse_sd = next(
+        g for g in per_profession if (g.axis, g.method, g.profession) == ("gender", "sd", "nurse")
+    )
+    down16 = nurse_sd.block_estimates["down-16"]
+    assert f"0.450 [{down16.ci_low:.3f}, {down16.ci_high:.3f}]" in blocks[1] + blocks[2]
 
     # Every table has its CSV, at full precision.
     for table_id in EXPECTED_TABLES:
         assert (full_run / "report" / "tables" / f"{table_id}.csv").is_file(), table_id
     with open(full_run / "report" / "tables" / "table-summary-gender.csv") as handle:
-        rows = list(csv.reader(handle))
-    assert float(rows[1][3]) == pytest.approx(5 / 12)
+        rows = list(csv.DictReader(handle))
+    assert float(rows[0]["RD"]) == pytest.approx(5 / 12)
+    assert float(rows[0]["RD_ci_low"]) == sd.estimates["rd"].ci_low
+    with open(full_run / "report" / "tables" / "table-blocks-gender.csv") as handle:
+        header = next(csv.reader(handle))
+    for column in ("down-16", "mBIoU"):
+        assert {f"{column}_ci_low", f"{column}_delta", f"{column}_p_bh"} <= set(header)
 
     # Figures (Figures 4-6, the lambda trade-off) and example images all resolve.
     assert {

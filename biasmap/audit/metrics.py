@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .schema import KEY_COLUMNS, SCHEMA
+from .stats import Estimate
 from .store import ResultsStore
 
 AXIS_ORDER = ("gender", "race")
@@ -125,6 +126,9 @@ class GroupMetrics:
 
     profession is None for the pooled group (the mean over professions, Tables 1-2).
     Values are None where the store has nothing to compute them from (e.g. no CLIP labels).
+    estimates / block_estimates: the metrics ("miou", "mbiou", "rd") and the per-block BIoU
+    with their intervals and comparison with sd, once biasmap.audit.stats.attach_statistics
+    has filled them in (empty before).
     """
 
     axis: str
@@ -138,6 +142,17 @@ class GroupMetrics:
     class_frequencies: dict[str, float] = field(default_factory=dict)  # label frequency p_g
     block_biou: dict[str, float] = field(default_factory=dict)  # mean BIoU per block, UNet order
     n_professions: int = 1
+    estimates: dict[str, Estimate] = field(default_factory=dict)
+    block_estimates: dict[str, Estimate] = field(default_factory=dict)
+
+    def estimate(self, metric: str) -> Estimate:
+        """The Estimate of "miou", "mbiou" or "rd" (the bare value when none is attached)."""
+        return self.estimates.get(metric) or Estimate(getattr(self, metric))
+
+    def block_estimate(self, block: str) -> Estimate:
+        """The Estimate of one block's mean BIoU (the bare value, or None, when none is
+        attached)."""
+        return self.block_estimates.get(block) or Estimate(self.block_biou.get(block))
 
 
 def risk_difference(frequencies: Sequence[float]) -> float:
@@ -335,33 +350,60 @@ class Table:
     note: str | None = None
     digits: dict[str, int] = field(default_factory=dict)  # per column; default 3
 
+    def estimate_columns(self) -> set[int]:
+        """Positions of the columns that hold Estimates (a value with its statistics)."""
+        return {i for row in self.rows for i, v in enumerate(row) if isinstance(v, Estimate)}
+
     def csv_header(self) -> list[str]:
-        """Column names, prefixed by their header group ("mIoU / sd") where there is one."""
-        if not self.header_groups:
-            return list(self.columns)
-        names, column = [], 0
-        for label, span in self.header_groups:
-            for name in self.columns[column : column + span]:
-                names.append(f"{label} / {name}" if label else name)
-            column += span
-        return names
+        """Column names, prefixed by their header group ("mIoU / sd") where there is one.
+
+        A column M of Estimates is followed by M_ci_low, M_ci_high, M_delta, M_delta_ci_low,
+        M_delta_ci_high, M_p and M_p_bh (empty on rows not compared with sd).
+        """
+        names, column = list(self.columns), 0
+        if self.header_groups:
+            names = []
+            for label, span in self.header_groups:
+                for name in self.columns[column : column + span]:
+                    names.append(f"{label} / {name}" if label else name)
+                column += span
+        estimated = self.estimate_columns()
+        header = []
+        for position, name in enumerate(names):
+            header.append(name)
+            if position in estimated:
+                header.extend(f"{name}_{suffix}" for suffix in Estimate.CSV_SUFFIXES)
+        return header
 
     def write_csv(self, path: str | Path) -> Path:
         """Full-precision values; an empty cell where there is no value."""
         path = Path(path)
+        estimated = self.estimate_columns()
+        blank = [None] * len(Estimate.CSV_SUFFIXES)
         with path.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(self.csv_header())
             for row in self.rows:
-                writer.writerow(["" if v is None else v for v in row])
+                cells = []
+                for position, value in enumerate(row):
+                    if isinstance(value, Estimate):
+                        cells.extend(value.csv_values())
+                    elif position in estimated:
+                        cells.extend([value, *blank])
+                    else:
+                        cells.append(value)
+                writer.writerow(["" if v is None else v for v in cells])
         return path
 
     def formatted(self, row: Sequence[Any]) -> list[str]:
-        """Cells as shown in the HTML: floats rounded (3 digits unless `digits` says), None "–"."""
+        """Cells as shown in the HTML: floats rounded (3 digits unless `digits` says), None "–",
+        Estimates as "0.215 [0.201, 0.229]" (and "Δ ... *" when compared with sd)."""
         cells = []
         for name, value in zip(self.columns, row, strict=True):
             if value is None:
                 cells.append("–")
+            elif isinstance(value, Estimate):
+                cells.append(value.text(self.digits.get(name, 3)))
             elif isinstance(value, float):
                 digits = self.digits.get(name, 3)
                 cells.append("nan" if math.isnan(value) else f"{value:.{digits}f}")
@@ -372,6 +414,12 @@ class Table:
 
 FidLookup = dict[tuple[str, str, float, str | None], float]
 """FID per (axis, method, lambda_, profession or None for pooled), from biasmap.audit.fid."""
+
+FID_WITHOUT_INTERVAL = (
+    "FID is given without an interval or test: a bootstrap over seeds would recompute the "
+    "feature covariances and a matrix square root (2048 x 2048 for Inception) per resample, "
+    "and a handful of images per profession gives no stable FID to resample."
+)
 
 
 def _axes(groups: Iterable[GroupMetrics]) -> list[str]:
@@ -395,9 +443,9 @@ def summary_tables(
                 method_label(g.method, g.lambda_),
                 g.n_professions,
                 g.n_images,
-                g.rd,
-                g.miou,
-                g.mbiou,
+                g.estimate("rd"),
+                g.estimate("miou"),
+                g.estimate("mbiou"),
                 (fid or {}).get((axis, g.method, g.lambda_, None)),
             ]
             for g in pooled
@@ -410,7 +458,7 @@ def summary_tables(
                 "(paper Tables 1-2). Lower is better.",
                 columns=["method", "professions", "images", "RD", "mIoU", "mBIoU", "FID"],
                 rows=rows,
-                note=fid_note,
+                note=fid_note or FID_WITHOUT_INTERVAL,
                 digits={"FID": 2},
             )
         )
@@ -436,7 +484,7 @@ def profession_tables(per_profession: Sequence[GroupMetrics]) -> list[Table]:
             for metric in ("miou", "mbiou", "rd"):
                 for method, lambda_ in methods:
                     found = cell.get((profession, method, lambda_))
-                    row.append(getattr(found, metric) if found else None)
+                    row.append(found.estimate(metric) if found else None)
             rows.append(row)
         labels = [method_label(m, lam) for m, lam in methods]
         tables.append(
@@ -507,7 +555,7 @@ def lambda_tables(
                             ),
                             None,
                         )
-                        row.append(getattr(found, attribute) if found else None)
+                        row.append(found.estimate(attribute) if found else None)
                 rows.append(row)
             tables.append(
                 Table(
@@ -515,7 +563,7 @@ def lambda_tables(
                     caption=f"{name} vs λ for {method} on {axis} (paper Table {paper_table}).",
                     columns=["profession", *[f"λ={lam:g}" for lam in lambdas]],
                     rows=rows,
-                    note=fid_note if attribute == "fid" else None,
+                    note=(fid_note or FID_WITHOUT_INTERVAL) if attribute == "fid" else None,
                     digits={f"λ={lam:g}": 2 for lam in lambdas} if attribute == "fid" else {},
                 )
             )

@@ -10,6 +10,29 @@ import torch
 from .. import ops
 
 DEFAULT_Q = 0.7
+AGGREGATIONS = ("one-stage", "two-stage")
+
+
+def aggregate_blocks(
+    block_maps: Sequence[torch.Tensor], size: tuple[int, int], aggregation: str = "one-stage"
+) -> torch.Tensor:
+    """Sum of block maps [B, C, h_i, w_i] on one [B, C, S_h, S_w] grid.
+
+    "one-stage" (paper Eq. 2): every block resized bilinearly straight to `size`, then summed.
+    "two-stage" (OVAM, the authors' code): every block resized to the largest block
+    resolution among `block_maps` and summed; that sum is then resized to `size`. Bilinear
+    resizes do not compose, so the two give different maps whenever `size` is not that
+    largest resolution.
+    """
+    ops._checks.choice("aggregation", aggregation, AGGREGATIONS)
+    size = tuple(size)
+    if aggregation == "one-stage":
+        return ops.resize_aggregate(list(block_maps), size)
+    largest = max((tuple(m.shape[-2:]) for m in block_maps), key=lambda hw: hw[0] * hw[1])
+    summed = ops.resize_aggregate(list(block_maps), largest)
+    if largest == size:
+        return summed
+    return ops.resize_aggregate([summed], size)
 
 
 class AttributionMaps:
@@ -54,12 +77,23 @@ class AttributionMaps:
         size: tuple[int, int],
         concepts: Sequence[str],
         meta: dict[str, Any] | None = None,
+        aggregation: str = "one-stage",
     ) -> AttributionMaps:
-        """Resize per-block sums {name: [B, C, h_i, w_i]} bilinearly to `size` and wrap them."""
+        """Resize per-block sums {name: [B, C, h_i, w_i]} bilinearly to `size` and wrap them.
+
+        Each block's map is resized straight to `size` (its BIoU is measured on it); the
+        aggregate is their sum ("one-stage") or OVAM's two-stage sum (see aggregate_blocks).
+        """
         names = list(block_sums)
-        resized = ops.resize_aggregate([block_sums[n] for n in names], tuple(size), per_map=True)
+        sums = [block_sums[n] for n in names]
+        resized = ops.resize_aggregate(sums, tuple(size), per_map=True)
         blocks = dict(zip(names, resized.unbind(dim=1), strict=True))  # each [B, C, S_h, S_w]
-        return cls(blocks, concepts, aggregate=resized.sum(dim=1), meta=meta)
+        if aggregation == "one-stage":
+            aggregate = resized.sum(dim=1)  # the same sum, without resizing twice
+        else:
+            aggregate = aggregate_blocks(sums, tuple(size), aggregation)
+        meta = {**(meta or {}), "aggregation": aggregation}
+        return cls(blocks, concepts, aggregate=aggregate, meta=meta)
 
     # ------------------------------------------------------------------ access
 
@@ -134,12 +168,20 @@ class AttributionMaps:
     # ------------------------------------------------------------------ transforms
 
     def resize(self, size: int | tuple[int, int]) -> AttributionMaps:
-        """New maps resized bilinearly (align_corners=False) to `size`: S or (S_h, S_w)."""
+        """New maps resized bilinearly (align_corners=False) to `size`: S or (S_h, S_w).
+
+        The aggregate is the sum of the resized blocks, except for two-stage maps
+        (meta["aggregation"] == "two-stage", OVAM's), whose aggregate is itself resized: that is
+        OVAM's second stage when the maps are at the largest block resolution.
+        """
         size = (size, size) if isinstance(size, int) else tuple(size)
         names = list(self.blocks)
         resized = ops.resize_aggregate([self.blocks[n] for n in names], size, per_map=True)
         blocks = dict(zip(names, resized.unbind(dim=1), strict=True))
-        return AttributionMaps(blocks, self.concepts, aggregate=resized.sum(dim=1), meta=self.meta)
+        aggregate = resized.sum(dim=1)
+        if self.meta.get("aggregation") == "two-stage":
+            aggregate = ops.resize_aggregate([self.aggregate], size)
+        return AttributionMaps(blocks, self.concepts, aggregate=aggregate, meta=self.meta)
 
     def select(self, index: int | slice | Sequence[int]) -> AttributionMaps:
         """Maps of some batch entries (an int keeps a batch dimension of 1)."""

@@ -421,8 +421,17 @@ class Trace:
             return 0
         return sum(t.numel() * t.element_size() for t in self._state.sums.values())
 
-    def maps(self) -> AttributionMaps:
-        """Attribution maps of the latest generation ([B, C, S_h, S_w] tensors)."""
+    def maps(
+        self, size: tuple[int, int] | None = None, aggregation: str = "one-stage"
+    ) -> AttributionMaps:
+        """Attribution maps of the latest generation ([B, C, S_h, S_w] tensors).
+
+        size: (S_h, S_w) of the maps; None takes map_size, else the largest captured block's
+        resolution. aggregation: "one-stage" (paper Eq. 2) or "two-stage" (OVAM: the blocks are
+        summed at the largest captured resolution, then that sum is resized to `size`); see
+        `biasmap.discovery.maps.aggregate_blocks`. Block maps are always resized straight to
+        `size`.
+        """
         state = self._state
         if state is None or not state.sums:
             raise RuntimeError(
@@ -432,11 +441,12 @@ class Trace:
             )
         keys = [key for key in self._names if key in state.sums]
         largest = max(keys, key=lambda key: state.block_sizes[key][0] * state.block_sizes[key][1])
-        size = self.map_size or state.block_sizes[largest]
+        size = size or self.map_size or state.block_sizes[largest]
         return AttributionMaps.from_block_sums(
             {self._names[key]: state.sums[key] for key in keys},
             size,
             concepts=self.concepts,
+            aggregation=aggregation,
             meta={
                 "attribution_prompt": self.attribution_prompt,
                 "prompt_tokens": [t.replace("</w>", "") for t in self.tokens.prompt_tokens],

@@ -20,7 +20,12 @@ class GuidanceSettings:
     always); guidance_scale: CFG gamma; inclusive_masks: hard masks use >= (True) or
     > (False) the quantile; eps: SoftIoU's epsilon; final_map_size: side of the maps
     the final IoU is measured on ("image" = image size, as OVAM's expand_size; None =
-    the largest cross-attention resolution).
+    the largest cross-attention resolution); guidance_map_size: side of each step's
+    guidance maps (None = the largest captured block's resolution); aggregation: how
+    block maps become one map, "one-stage" (each block resized straight to the map size,
+    paper Eq. 2) or "two-stage" (OVAM: blocks summed at the largest captured block
+    resolution, then that sum resized to the map size), for the per-step maps and the
+    final aggregate alike (per-block BIoU maps are always each block resized straight).
     """
 
     cfg_half: str
@@ -34,6 +39,8 @@ class GuidanceSettings:
     inclusive_masks: bool
     eps: float
     final_map_size: str | None
+    guidance_map_size: int | None
+    aggregation: str
 
     def override(self, **values) -> GuidanceSettings:
         """A copy with every non-None value replacing the preset's."""
@@ -60,10 +67,14 @@ PRESETS: dict[str, GuidanceSettings] = {
         inclusive_masks=True,
         eps=1e-8,
         final_map_size=None,
+        guidance_map_size=None,
+        aggregation="one-stage",
     ),
     # The authors' run_gender.py: OVAM's default (unconditional) half, raw map sums,
     # 20 Sinkhorn iterations at tau=0.01, row-wise top-k, guidance only when
-    # ||grad|| < 1, CFG 7.0, masks with >, final IoU at the image size.
+    # ||grad|| < 1, CFG 7.0, masks with >, final IoU at the image size; maps
+    # aggregated in OVAM's two stages and expanded to 64x64 at every step
+    # (get_ovam_callable(expand_size=(64, 64)) in run_gender.py), whatever the model.
     "official": GuidanceSettings(
         cfg_half="uncond",
         solver="sinkhorn",
@@ -76,5 +87,7 @@ PRESETS: dict[str, GuidanceSettings] = {
         inclusive_masks=False,
         eps=1e-8,
         final_map_size="image",
+        guidance_map_size=64,
+        aggregation="two-stage",
     ),
 }

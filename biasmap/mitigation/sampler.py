@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..discovery.maps import AttributionMaps
+from ..discovery.maps import AGGREGATIONS, AttributionMaps, aggregate_blocks
 from ..discovery.trace import Trace, _selected_steps
 from .fair_diffusion import FairDiffusion, SemanticGuidance
 from .memory import retain_freed_memory
@@ -167,14 +167,18 @@ class _StepCapture(Trace):
             eps = self.call_unet(
                 unet, sample, timestep, embeds, rows=slice(None), capture=True, differentiable=True
             )
-            energy = _energy(self.take_step_maps(), 0, 1, self.map_side(), settings, q)
+            size = self.map_side(settings.guidance_map_size)
+            energy = _energy(self.take_step_maps(), 0, 1, size, settings, q)
             (grad,) = torch.autograd.grad(energy.sum(), z)
         return energy.detach(), grad, eps.detach()
 
-    def map_side(self) -> tuple[int, int]:
-        """The guidance maps' size: map_size, else the largest captured block's resolution."""
+    def map_side(self, preset_side: int | None = None) -> tuple[int, int]:
+        """The guidance maps' size: map_size, else the preset's side (S x S), else the
+        largest captured block's resolution."""
         if self.map_size is not None:
             return self.map_size
+        if preset_side is not None:
+            return (preset_side, preset_side)
         sizes = [self._state.block_sizes[key] for key in self._names]
         return max(sizes, key=lambda hw: hw[0] * hw[1])
 
@@ -191,12 +195,13 @@ def _energy(
 ) -> torch.Tensor:
     """E [B] = SoftIoU(SoftTopK(M_a), SoftTopK(M_b)) of one step's block maps.
 
+    step_maps: {block: [B, C, h_i, w_i]}, aggregated to `size` as settings.aggregation says.
+
     The ops' per-call NaN checks are skipped (on a GPU each is a host sync, about twenty per
     step); callers check the energy once instead (_require_finite).
     """
     with ops.skip_value_checks():
-        names = list(step_maps)
-        maps = ops.resize_aggregate([step_maps[n] for n in names], size)  # [B, C, S_h, S_w]
+        maps = aggregate_blocks(list(step_maps.values()), size, settings.aggregation)
         batch, _, height, width = maps.shape
         pair = torch.cat([maps[:, a], maps[:, b]])  # [2B, S_h, S_w]
         if settings.topk_scope == "row":
@@ -319,7 +324,8 @@ def guided_generate(
     the steps), a (start, stop) pair of fractions, a slice, a range or step indices.
     negative_prompt: as diffusers. editing_prompt: Fair Diffusion edit prompts (a list
     or a FairDiffusion with its SEGA settings).
-    map_size: side of the guidance maps (default: the largest attention resolution).
+    map_size: side of the guidance maps and of the final maps (default: the preset's
+    guidance_map_size and final_map_size, else the largest attention resolution).
     Returns GuidedOutput: images, energies [steps, B], grad_norms [steps, B], maps.
     """
     _check_arguments(pipe, lambda_, attribution_prompt, q, preset)
@@ -415,7 +421,8 @@ def guided_generate(
                         unet, sample, t, embeds, rows=guided_rows, capture=True
                     )
                     step_maps = capture.take_step_maps()
-                    energy = _energy(step_maps, a, b, capture.map_side(), settings, q)
+                    step_side = capture.map_side(settings.guidance_map_size)
+                    energy = _energy(step_maps, a, b, step_side, settings, q)
                     if use_cfg:
                         chunks = eps_all.chunk(2 + len(edit_embeds))
                         eps_uncond, eps_cond, eps_edits = chunks[0], chunks[1], chunks[2:]
@@ -457,12 +464,15 @@ def guided_generate(
                     gate = use.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
                     eps = eps + scale * gate * grad.to(eps.dtype)
                 latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
-            maps = capture.maps() if return_maps else None
+            maps = None
+            if return_maps:
+                final_size = None  # map_size, else the largest attention resolution
+                if settings.final_map_size == "image" and map_size is None:
+                    final_size = (height, width)
+                maps = capture.maps(final_size, settings.aggregation)
     finally:
         for parameter, flag in zip(unet.parameters(), unet_requires_grad, strict=True):
             parameter.requires_grad_(flag)
-    if maps is not None and settings.final_map_size == "image" and map_size is None:
-        maps = maps.resize((height, width))
     images = _decode(pipe, latents, generator, output_type, prompt_embeds.dtype, device)
     return GuidedOutput(
         images, energies, grad_norms, applied, maps, settings, tuple(capture.concepts), q
@@ -476,6 +486,7 @@ def _resolve_settings(preset, **overrides) -> GuidanceSettings:
     ops._checks.choice("solver", settings.solver, ops._checks.SOLVERS)
     ops._checks.choice("normalize", settings.normalize, ops._checks.NORMALIZATIONS)
     ops._checks.choice("cfg_half", settings.cfg_half, ("cond", "uncond"))
+    ops._checks.choice("aggregation", settings.aggregation, AGGREGATIONS)
     ops._checks.positive_number("tau", settings.tau)
     return settings
 
