@@ -208,6 +208,7 @@ def test_bad_config_names_the_field_and_what_is_allowed(override, expected):
 def test_shipped_configs_are_valid(name, tmp_path):
     folder = tmp_path / "weights"
     folder.mkdir()
+    (folder / "model_index.json").write_text("{}")  # what makes a folder a pipeline
     (tmp_path / "inception.pth").write_bytes(b"")
     local_paths = [
         f"model={folder}",
