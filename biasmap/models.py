@@ -493,6 +493,16 @@ def planted_weights_digest() -> str:
     return digest.hexdigest()[:12]
 
 
+def _dtype_argument(torch_dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """from_pretrained's dtype keyword: `dtype` where diffusers has deprecated `torch_dtype`
+    (its deprecation warning would otherwise follow every load)."""
+    from diffusers.utils import deprecation_utils
+
+    # The resolver of the two keywords exists exactly where `dtype` is accepted.
+    supports_dtype = hasattr(deprecation_utils, "_resolve_dtype")
+    return {"dtype" if supports_dtype else "torch_dtype": torch_dtype}
+
+
 def load_pipeline(
     name_or_path: str,
     dtype: torch.dtype | str | None = None,
@@ -533,7 +543,7 @@ def load_pipeline(
     if name_or_path == PLANTED:
         with quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(
-                planted_folder("pipeline"), torch_dtype=torch_dtype, local_files_only=True
+                planted_folder("pipeline"), **_dtype_argument(torch_dtype), local_files_only=True
             )
         return _eval_fp32(pipe).to(device)
 
@@ -550,7 +560,7 @@ def load_pipeline(
     try:
         pipe = DiffusionPipeline.from_pretrained(
             name_or_path,
-            torch_dtype=torch_dtype,
+            **_dtype_argument(torch_dtype),
             local_files_only=local_files_only or is_folder,
             **from_pretrained_kwargs,
         )
