@@ -58,16 +58,21 @@ def check_quantile(q: float) -> float:
     return q
 
 
+class _DropFallbackNotice(logging.Filter):
+    """Drops transformers' "requires torchvision (not installed); falling back" notices."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back" not in record.getMessage()
+
+
+_FALLBACK_FILTER = _DropFallbackNotice()
+
+
 def _quiet_third_party() -> None:
     """Drop third-party notices that fire on every command and concern no user choice
     (transformers' torchvision fallback, diffusers' and transformers' deprecations of their own
-    arguments); other warnings, biasmap's included, still show."""
-
-    class _DropFallbackNotice(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "requires torchvision (not installed); falling back" not in record.getMessage()
-
-    logging.getLogger("transformers.utils.import_utils").addFilter(_DropFallbackNotice())
+    arguments); other warnings, biasmap's included, still show. Idempotent."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(_FALLBACK_FILTER)
     for module in ("diffusers", "transformers", "huggingface_hub"):
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)

@@ -100,7 +100,7 @@ def concept_positions(tokenizer, prompt: str, concepts: Sequence[str]) -> Concep
             concept_tokens = [
                 t.replace("</w>", "") for t in tokenizer.convert_ids_to_tokens(concept_ids)
             ]
-            full_ids = tokenizer(prompt, truncation=False).input_ids
+            full_ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
             if len(full_ids) > num_keys and _find_subsequence(full_ids, concept_ids) >= 0:
                 raise ConceptNotFoundError(
                     f"Concept {concept!r} is cut off: the attribution prompt has "
