@@ -96,6 +96,12 @@ def _run_checked(action: Callable[[], _T]) -> _T:
         raise typer.Exit(2) from None
 
 
+@app.callback()
+def _before_every_command() -> None:
+    # Here rather than in main(), so that typer's CliRunner (tests) gets the same quiet output.
+    _quiet_third_party()
+
+
 @app.command()
 def info() -> None:
     """Print, for every op, which backends are available here and why each missing one is not."""
@@ -477,7 +483,6 @@ _CLICK_EXCEPTION = next(
 def main(args: list[str] | None = None) -> None:
     """The `biasmap` entry point: a usage error (a bad option value, a missing option) is one
     line on stderr and exit status 2, not click's framed box; exits with the command's status."""
-    _quiet_third_party()
     try:
         code = app(args=args, prog_name="biasmap", standalone_mode=False)
     except _CLICK_EXCEPTION as error:
