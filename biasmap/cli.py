@@ -6,15 +6,11 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Annotated, Any, NoReturn, TypeVar, get_args
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
 _T = TypeVar("_T")
-# Offline models `maps` can trace (any SD pipeline); `generate` and `audit` take the guided
-# sampler's (biasmap.audit.config.OFFLINE_MODELS).
-TRACE_MODELS = ("tiny", "tiny-sd", "tiny-sd2", "tiny-sdxl", "random-sd15", "planted")
-DTYPES = ("fp32", "fp16", "bf16")
 
 app = typer.Typer(
     help="BiasMap: discover and mitigate social bias in Stable Diffusion through "
@@ -162,9 +158,9 @@ def maps(
     import torch
 
     import biasmap
-    from biasmap.audit.config import check_model
+    from biasmap.audit.config import DTYPES, check_model
     from biasmap.discovery.trace import CFG_HALVES, SOFTMAX_DOMAINS
-    from biasmap.models import load_pipeline
+    from biasmap.models import PLANTED, RANDOM_MODELS, load_pipeline
 
     # `--concepts gender firefighter`: click options take one value each, so the words after
     # the first arrive as extra arguments; commas also separate concepts.
@@ -183,7 +179,8 @@ def maps(
     check_choice("--dtype", dtype, DTYPES)
     if (height is None) != (width is None):
         refuse("--height" if width is None else "--width", "give --height and --width together")
-    checked("--model", check_model, model, TRACE_MODELS)
+    # Any offline model, SDXL included: tracing needs no guided sampler.
+    checked("--model", check_model, model, (*RANDOM_MODELS, PLANTED))
     checked("--device", _check_device, device)
 
     def generate_and_trace():
@@ -278,7 +275,8 @@ def generate(
     import torch
 
     from biasmap.audit.config import (
-        AuditConfig,
+        DTYPES,
+        PRESET_NAMES,
         check_axis,
         check_method_blocks,
         check_methods,
@@ -295,7 +293,7 @@ def generate(
     checked("--axis", check_axis, axis)
     checked("--method", check_methods, [method])
     seed_list = checked("--seeds", parse_seeds, seeds)
-    check_choice("--preset", preset, get_args(AuditConfig.model_fields["preset"].annotation))
+    check_choice("--preset", preset, PRESET_NAMES)
     check_choice("--dtype", dtype, DTYPES)
     check_quantile(q)
     checked("--model", check_model, model)

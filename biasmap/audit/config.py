@@ -15,7 +15,7 @@ import json
 import os
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -52,6 +52,10 @@ KNOWN_AXES = tuple(NEGATIVE_PROMPTS)
 # world's trained model and the random-weight builders.
 OFFLINE_MODELS = (PLANTED, *(name for name in RANDOM_MODELS if name != "tiny-sdxl"))
 DEFAULT_CLASS_PROMPT = "a photo of the face of a {cls} person"
+DType = Literal["fp32", "fp16", "bf16"]
+Preset = Literal["paper", "official"]
+DTYPES: tuple[str, ...] = get_args(DType)
+PRESET_NAMES: tuple[str, ...] = get_args(Preset)
 # The fields that change the row of a given key, so config_hash covers them (and only them).
 HASHED_FIELDS = (
     "model",
@@ -280,7 +284,7 @@ class AuditConfig(_Strict):
 
     # model
     model: str = "tiny"
-    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    dtype: DType = "fp32"
     device: str = "cpu"
     # the grid
     professions: list[str] = Field(default_factory=lambda: list(PAPER_PROFESSIONS), min_length=1)
@@ -293,7 +297,7 @@ class AuditConfig(_Strict):
     q: float = Field(0.7, gt=0.0, lt=1.0)
     steps: int = Field(50, ge=1)
     guidance: float | None = None  # CFG scale; None takes the preset's (7.5 paper, 7.0 official)
-    preset: Literal["paper", "official"] = "paper"
+    preset: Preset = "paper"
     map_size: int | None = Field(None, ge=1)
     image_size: int | None = Field(None, ge=8)  # side in pixels; None: the model's default
     # classification and FID (used by biasmap.audit.clip / fid)

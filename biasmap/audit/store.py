@@ -93,6 +93,8 @@ class StoreCheck:
         return not self.corrupt
 
     def summary(self) -> str:
+        """Counts and the corrupt parts, one per line. Leftover temporary files are not in it:
+        the runner removes them and reports how many, once."""
         text = (
             f"{self.parts} part file(s), {self.rows} row(s), {self.keys} distinct key(s), "
             f"{self.duplicate_rows} duplicate row(s) hidden"
@@ -101,8 +103,6 @@ class StoreCheck:
             text += f"\ncorrupt part {problem.path}: {problem.reason}"
         for path in self.moved:
             text += f"\n  moved to {path}"
-        if self.temporary:
-            text += f"\n{len(self.temporary)} leftover temporary file(s) of killed writers"
         return text
 
 
