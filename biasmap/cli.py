@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import logging
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+
+_T = TypeVar("_T")
 
 app = typer.Typer(
     help="BiasMap: discover and mitigate social bias in Stable Diffusion through "
@@ -12,6 +18,84 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+def refuse(option: str, message: str) -> NoReturn:
+    """Stop the command with a one-line error naming the option (exit 2, no traceback)."""
+    typer.echo(f"error: {option}: {one_line(message)}", err=True)
+    raise typer.Exit(2)
+
+
+def one_line(message: str) -> str:
+    """A message folded onto one line (library messages may span several)."""
+    return " ".join(message.split())
+
+
+def checked(option: str, check: Callable[..., _T], *args: Any) -> _T:
+    """check(*args), with its ValueError turned into a one-line error naming the option."""
+    try:
+        return check(*args)
+    except ValueError as error:
+        refuse(option, str(error))
+
+
+def check_choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
+    """Refuse a value outside `allowed`, listing what the option accepts."""
+    if value not in allowed:
+        refuse(option, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+def check_quantile(q: float) -> float:
+    """The mask quantile q must be strictly inside (0, 1): at 0 or 1 a mask is the whole map or
+    nothing, and every IoU would be 1 or 0."""
+    if not 0.0 < q < 1.0:
+        refuse("--q", f"must be a quantile strictly between 0 and 1, got {q}")
+    return q
+
+
+class _DropFallbackNotice(logging.Filter):
+    """Drops transformers' "requires torchvision (not installed); falling back" notices."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back" not in record.getMessage()
+
+
+_FALLBACK_FILTER = _DropFallbackNotice()
+
+
+def _quiet_third_party() -> None:
+    """Drop third-party notices that fire on every command and concern no user choice
+    (transformers' torchvision fallback, diffusers' and transformers' deprecations of their own
+    arguments); other warnings, biasmap's included, still show. Idempotent."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(_FALLBACK_FILTER)
+    for module in ("diffusers", "transformers", "huggingface_hub"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+
+
+def _run_checked(action: Callable[[], _T]) -> _T:
+    """Run the model-dependent part of a command; the errors of inputs that only the model can
+    check (a concept absent from its tokenizer's view of the prompt, weights that do not load)
+    become one-line errors naming the option."""
+    from biasmap.discovery.tokens import ConceptNotFoundError
+    from biasmap.models import ModelNotAvailableError
+
+    try:
+        return action()
+    except ConceptNotFoundError as error:
+        refuse("--concepts", str(error))
+    except ModelNotAvailableError as error:
+        refuse("--model", str(error))
+    except ValueError as error:
+        typer.echo(f"error: {one_line(str(error))}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.callback()
+def _before_every_command() -> None:
+    # Here rather than in main(), so that typer's CliRunner (tests) gets the same quiet output.
+    _quiet_third_party()
 
 
 @app.command()
@@ -47,15 +131,19 @@ def maps(
     num_images: int = typer.Option(1, "--num-images", min=1, help="Images to generate."),
     steps: int = typer.Option(50, min=1, help="Sampler steps."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale (<= 1: none)."),
-    q: float = typer.Option(0.7, min=0.0, max=1.0, help="Mask quantile for IoU / BIoU."),
+    q: float = typer.Option(0.7, help="Mask quantile for IoU / BIoU, in (0, 1)."),
     cfg_half: str = typer.Option(
         "cond", help="CFG half whose queries give the maps: cond or uncond."
     ),
     softmax_over: str = typer.Option(
         "prompt", help="Softmax domain: prompt (real tokens) or padded (all 77)."
     ),
-    height: int = typer.Option(None, help="Image height (default: the model's)."),
-    width: int = typer.Option(None, help="Image width (default: the model's)."),
+    height: int = typer.Option(
+        None, min=8, help="Image height (with --width; default: the model's)."
+    ),
+    width: int = typer.Option(
+        None, min=8, help="Image width (with --height; default: the model's)."
+    ),
     device: str = typer.Option("cpu", help="torch device."),
     dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
     out: str = typer.Option(..., help="Output folder for PNGs and maps.json."),
@@ -71,34 +159,53 @@ def maps(
     import torch
 
     import biasmap
-    from biasmap.models import load_pipeline
+    from biasmap.audit.config import DTYPES, check_model
+    from biasmap.discovery.trace import CFG_HALVES, SOFTMAX_DOMAINS
+    from biasmap.models import PLANTED, RANDOM_MODELS, load_pipeline
 
     # `--concepts gender firefighter`: click options take one value each, so the words after
     # the first arrive as extra arguments; commas also separate concepts.
     words = [w.strip() for item in [*concepts, *(more_concepts or [])] for w in item.split(",")]
     words = [w for w in words if w]
     if len(words) != 2:
-        raise typer.BadParameter(
-            f"give exactly two concepts (demographic, then profession), got {words}",
-            param_hint="--concepts",
+        refuse(
+            "--concepts",
+            f"give exactly two words of --attribution (demographic, then profession), got {words}",
         )
+    if seed < 0:
+        refuse("--seed", f"must be >= 0 (a torch generator seed), got {seed}")
+    check_quantile(q)
+    check_choice("--cfg-half", cfg_half, CFG_HALVES)
+    check_choice("--softmax-over", softmax_over, SOFTMAX_DOMAINS)
+    check_choice("--dtype", dtype, DTYPES)
+    if (height is None) != (width is None):
+        refuse("--height" if width is None else "--width", "give --height and --width together")
+    # Any offline model, SDXL included: tracing needs no guided sampler.
+    checked("--model", check_model, model, (*RANDOM_MODELS, PLANTED))
+    checked("--device", _check_device, device)
+
+    def generate_and_trace():
+        pipe = load_pipeline(model, dtype, device)
+        generators = [
+            torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num_images)
+        ]
+        size = {"height": height, "width": width} if height is not None else {}
+        with biasmap.trace(
+            pipe, attribution, words, cfg_half=cfg_half, softmax_over=softmax_over
+        ) as tr:
+            images = pipe(
+                prompt,
+                num_images_per_prompt=num_images,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generators,
+                **size,
+            ).images
+        return images, tr.maps().cpu()
+
+    images, attribution_maps = _run_checked(generate_and_trace)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(model, dtype, device)
-    generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num_images)]
-    size = {key: value for key, value in (("height", height), ("width", width)) if value}
-    with biasmap.trace(
-        pipe, attribution, words, cfg_half=cfg_half, softmax_over=softmax_over
-    ) as tr:
-        images = pipe(
-            prompt,
-            num_images_per_prompt=num_images,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=generators,
-            **size,
-        ).images
-    attribution_maps = tr.maps().cpu()
     concept_a, concept_b = words
     for i, image in enumerate(images):
         image.save(folder / f"image_{i}.png")
@@ -128,18 +235,11 @@ def maps(
     )
 
 
-def _seed_range(text: str) -> list[int]:
-    """ "0-3" -> [0, 1, 2, 3]; "0,5,7" and "4" also work."""
-    seeds: list[int] = []
-    try:
-        for part in text.split(","):
-            low, _, high = part.strip().partition("-")
-            seeds.extend(range(int(low), int(high or low) + 1))
-    except ValueError:
-        raise typer.BadParameter(
-            f"seeds must look like 0-3, 4 or 0,5,7; got {text!r}", param_hint="--seeds"
-        ) from None
-    return seeds
+def _check_device(device: str) -> str:
+    """The audit config's device check: 'auto', 'cpu', 'cuda' or 'cuda:<index>'."""
+    from biasmap.audit.config import AuditConfig
+
+    return AuditConfig.model_validate({"device": device}).device
 
 
 @app.command()
@@ -151,7 +251,7 @@ def generate(
         help="sd, biasmap, fd, fd+biasmap, hard, hard+biasmap, negative, negative+biasmap, "
         "or biasmap@down-64+up-64 (guidance on those blocks only).",
     ),
-    seeds: str = typer.Option("0", help="Seeds: 0-3, 4 or 0,5,7."),
+    seeds: str = typer.Option("0", help="Seeds: 0-3, 4 or 0,5,7 (each once, none negative)."),
     lambda_: float = typer.Option(100.0, "--lambda", min=0.0, help="Energy guidance strength."),
     preset: str = typer.Option("paper", help="paper or official (the authors' code)."),
     model: str = typer.Option(
@@ -161,7 +261,7 @@ def generate(
     ),
     steps: int = typer.Option(50, min=1, help="Sampler steps."),
     guidance: float = typer.Option(None, help="CFG scale (default: the preset's)."),
-    q: float = typer.Option(0.7, min=0.0, max=1.0, help="Mask quantile."),
+    q: float = typer.Option(0.7, help="Mask quantile, in (0, 1)."),
     device: str = typer.Option("cpu", help="torch device."),
     dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
     out: str = typer.Option(..., help="Output folder."),
@@ -177,31 +277,55 @@ def generate(
 
     import torch
 
+    from biasmap.audit.config import (
+        DTYPES,
+        PRESET_NAMES,
+        check_axis,
+        check_method_blocks,
+        check_methods,
+        check_model,
+        parse_seeds,
+    )
     from biasmap.mitigation import guided_generate
     from biasmap.mitigation.methods import plan
     from biasmap.models import load_pipeline
 
+    # The audit config's checks, so that generate and audit accept the same inputs.
+    if not profession.strip():
+        refuse("--profession", "must be a word such as firefighter, got an empty string")
+    checked("--axis", check_axis, axis)
+    checked("--method", check_methods, [method])
+    seed_list = checked("--seeds", parse_seeds, seeds)
+    check_choice("--preset", preset, PRESET_NAMES)
+    check_choice("--dtype", dtype, DTYPES)
+    check_quantile(q)
+    checked("--model", check_model, model)
+    checked("--method", check_method_blocks, model, [method], None)
+    checked("--device", _check_device, device)
+
+    pipe = _run_checked(lambda: load_pipeline(model, dtype, device))
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(model, dtype, device)
     results = []
-    for seed in _seed_range(seeds):
+    for seed in seed_list:
         settings = plan(method, profession, axis, seed)
-        output = guided_generate(
-            pipe,
-            settings.prompt,
-            settings.attribution_prompt,
-            settings.concepts,
-            lambda_=lambda_ if settings.guided else 0.0,
-            q=q,
-            blocks=settings.blocks,
-            guidance_scale=guidance,
-            num_inference_steps=steps,
-            generator=torch.Generator(device="cpu").manual_seed(seed),
-            negative_prompt=settings.negative_prompt,
-            editing_prompt=settings.editing_prompt,
-            preset=preset,
+        output = _run_checked(
+            lambda settings=settings, seed=seed: guided_generate(
+                pipe,
+                settings.prompt,
+                settings.attribution_prompt,
+                settings.concepts,
+                lambda_=lambda_ if settings.guided else 0.0,
+                q=q,
+                blocks=settings.blocks,
+                guidance_scale=guidance,
+                num_inference_steps=steps,
+                generator=torch.Generator(device="cpu").manual_seed(seed),
+                negative_prompt=settings.negative_prompt,
+                editing_prompt=settings.editing_prompt,
+                preset=preset,
+            )
         )
+        folder.mkdir(parents=True, exist_ok=True)
         image = output.images[0]
         image.save(folder / f"image_{seed}.png")
         maps = output.maps.cpu()
@@ -259,22 +383,43 @@ def audit(
     with the run folder, and the HTML report's path when biasmap.report is installed.
     """
     from biasmap.audit.config import ConfigError, load_config
+    from biasmap.audit.lock import RunLockedError, describe_holder
     from biasmap.audit.runner import RunFolderMismatchError, run_audit
+    from biasmap.audit.store import CorruptPartWarning
 
     cli_values = {"executor": executor, "workers": workers, "threads": threads}
     extra = [f"{name}={value}" for name, value in cli_values.items() if value is not None]
     try:
         settings = load_config(config, [*(overrides or []), *extra])
     except ConfigError as error:
-        typer.echo(str(error), err=True)
+        typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     try:
-        summary = run_audit(settings, progress=progress)
-    except RunFolderMismatchError as error:
-        typer.echo(str(error), err=True)
+        with warnings.catch_warnings():
+            # Reported once, below, with what was done about them.
+            warnings.simplefilter("ignore", CorruptPartWarning)
+            summary = _run_checked(lambda: run_audit(settings, progress=progress))
+    except (RunFolderMismatchError, RunLockedError) as error:
+        typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
+    if summary.stale_lock:
+        typer.echo(
+            f"took over the lock of a run that ended without releasing it "
+            f"({describe_holder(summary.stale_lock)})",
+            err=True,
+        )
     if summary.check.corrupt:
         typer.echo(summary.check.summary(), err=True)
+    if summary.temporaries_removed:
+        typer.echo(
+            f"removed {summary.temporaries_removed} temporary file(s) left by a killed run",
+            err=True,
+        )
+    if summary.lost_images:
+        typer.echo(
+            f"{summary.lost_images} stored image(s) were missing or unreadable; regenerated",
+            err=True,
+        )
     typer.echo(
         f"{summary.generated} image(s) generated, {summary.skipped} already present, "
         f"{summary.total} in the grid ({summary.seconds:.1f} s, "
@@ -302,8 +447,19 @@ def report(
 ) -> None:
     """Write RUN_DIR/report/index.html (the paper's tables, block charts, lambda trade-off,
     examples, FID) and a CSV per table; print the HTML path."""
+    from pathlib import Path
+
+    from biasmap.audit.lock import LOCK_FILE
+    from biasmap.audit.runner import RUN_FILE
+    from biasmap.audit.store import ResultsStore
     from biasmap.report import write_report
 
+    started = any((Path(run_dir) / name).is_file() for name in (RUN_FILE, LOCK_FILE))
+    if started and not ResultsStore(run_dir).part_files():
+        # An audit that has started but not committed its first batch: nothing to report yet,
+        # which is no error.
+        typer.echo(f"no results in {run_dir} yet (its audit has not committed a batch); no report")
+        return
     try:
         path = write_report(
             run_dir,
@@ -318,8 +474,29 @@ def report(
     typer.echo(str(path))
 
 
-def main() -> None:
-    app()
+# click's exception base class: recent typer releases vendor their own click, so it is found
+# from typer's public BadParameter rather than imported from click.
+_CLICK_EXCEPTION = next(
+    kind for kind in typer.BadParameter.__mro__ if kind.__name__ == "ClickException"
+)
+
+
+def main(args: list[str] | None = None) -> None:
+    """The `biasmap` entry point: a usage error (a bad option value, a missing option) is one
+    line on stderr and exit status 2, not click's framed box; exits with the command's status."""
+    try:
+        code = app(args=args, prog_name="biasmap", standalone_mode=False)
+    except _CLICK_EXCEPTION as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # bare `biasmap`: the help, no error
+            typer.echo(error.ctx.get_help() if error.ctx else error.format_message())
+            code = 0
+        else:
+            typer.echo(f"error: {one_line(error.format_message())}", err=True)
+            code = error.exit_code
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        code = 1
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

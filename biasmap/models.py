@@ -43,6 +43,17 @@ PLANTED_TRAIN_COMMAND = (
     "python -m biasmap.world.train --out runs/planted --export biasmap/world/weights"
 )
 
+# The UNet layouts of the random-weight builders, as their unet/config.json would hold them:
+# enough to name their cross-attention blocks without building them (see unet_layout).
+_SD_BLOCK_TYPES = {
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+}
+TINY_UNET_LAYOUT = {"sample_size": 16, **_SD_BLOCK_TYPES}
+SD15_UNET_LAYOUT = {"sample_size": 64, **_SD_BLOCK_TYPES}
+# Every builder's VAE has four levels, as released SD models do.
+VAE_SCALE_FACTOR = 8
+
 
 # --------------------------------------------------------------------------- tokenizer
 
@@ -201,11 +212,9 @@ def tiny_sd(seed: int = 0, *, variant: str = "sd1"):
     torch.manual_seed(seed)
     try:
         unet = UNet2DConditionModel(
-            sample_size=16,
+            **TINY_UNET_LAYOUT,
             in_channels=4,
             out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
             block_out_channels=(16, 32, 32, 32),
             layers_per_block=1,
             norm_num_groups=8,
@@ -292,11 +301,9 @@ def sd15_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=64,
+        **SD15_UNET_LAYOUT,
         in_channels=4,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         block_out_channels=(320, 640, 1280, 1280),
         layers_per_block=2,
         cross_attention_dim=768,
@@ -392,6 +399,47 @@ def resolve_source(
     return local_files_only, is_folder
 
 
+def check_pipeline_folder(folder: str | os.PathLike) -> None:
+    """Raise ModelNotAvailableError unless `folder` is a diffusers pipeline folder (it holds
+    model_index.json), so a wrong folder fails with one sentence, not a loader traceback."""
+    if not (Path(os.path.expanduser(folder)) / "model_index.json").is_file():
+        raise ModelNotAvailableError(
+            f"Model folder {str(folder)!r} is not a diffusers pipeline (it has no "
+            "model_index.json); give the folder written by `pipe.save_pretrained(folder)` or "
+            "`huggingface-cli download <model-id> --local-dir <folder>`"
+        )
+
+
+def unet_layout(name_or_path: str) -> tuple[dict[str, Any], int] | None:
+    """(UNet config, VAE scale factor) of a pipeline, read without loading its weights.
+
+    Known for the random-weight builders, the planted model and local pipeline folders
+    (their unet/config.json and vae/config.json); None for hub ids and folders without a
+    readable unet config, whose layout only loading tells.
+    """
+    import json
+
+    if name_or_path in ("tiny", "tiny-sd", "tiny-sd2"):
+        return dict(TINY_UNET_LAYOUT), VAE_SCALE_FACTOR
+    if name_or_path == "random-sd15":
+        return dict(SD15_UNET_LAYOUT), VAE_SCALE_FACTOR
+    folder = PLANTED_FOLDER / "pipeline" if name_or_path == PLANTED else None
+    if folder is None and os.path.isdir(os.path.expanduser(name_or_path)):
+        folder = Path(os.path.expanduser(name_or_path))
+    if folder is None:
+        return None
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        scale = VAE_SCALE_FACTOR
+    return unet, scale
+
+
 def planted_folder(part: str) -> Path:
     """Folder of the shipped planted-world model: part "pipeline" (diffusers) or "clip"
     (transformers). Raises ModelNotAvailableError, naming the command that trains it, when
@@ -445,6 +493,16 @@ def planted_weights_digest() -> str:
     return digest.hexdigest()[:12]
 
 
+def _dtype_argument(torch_dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """from_pretrained's dtype keyword: `dtype` where diffusers has deprecated `torch_dtype`
+    (its deprecation warning would otherwise follow every load)."""
+    from diffusers.utils import deprecation_utils
+
+    # The resolver of the two keywords exists exactly where `dtype` is accepted.
+    supports_dtype = hasattr(deprecation_utils, "_resolve_dtype")
+    return {"dtype" if supports_dtype else "torch_dtype": torch_dtype}
+
+
 def load_pipeline(
     name_or_path: str,
     dtype: torch.dtype | str | None = None,
@@ -485,7 +543,7 @@ def load_pipeline(
     if name_or_path == PLANTED:
         with quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(
-                planted_folder("pipeline"), torch_dtype=torch_dtype, local_files_only=True
+                planted_folder("pipeline"), **_dtype_argument(torch_dtype), local_files_only=True
             )
         return _eval_fp32(pipe).to(device)
 
@@ -497,10 +555,12 @@ def load_pipeline(
         f"{RANDOM_MODELS}.",
         what="Model",
     )
+    if is_folder:
+        check_pipeline_folder(name_or_path)
     try:
         pipe = DiffusionPipeline.from_pretrained(
             name_or_path,
-            torch_dtype=torch_dtype,
+            **_dtype_argument(torch_dtype),
             local_files_only=local_files_only or is_folder,
             **from_pretrained_kwargs,
         )

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 from biasmap.audit import metrics as audit_metrics
 from biasmap.audit import stats as audit_stats
 from biasmap.audit.metrics import GroupMetrics, Table, method_label
-from biasmap.audit.runner import RUN_FILE
+from biasmap.audit.runner import RUN_FILE, lambda_text, path_component
 from biasmap.models import PLANTED, RANDOM_MODELS
 
 REPORT_FOLDER = "report"
@@ -521,8 +521,10 @@ def write_report(
         if not _blocks_of(groups):
             continue
         lambda_ = groups[0].lambda_
-        slug = audit_metrics.slug(
-            f"{axis}-{groups[0].method}" + (f"-lambda-{lambda_:g}" if lambda_ else "")
+        # The lambda keeps its exact, injective text (":g" and slug() merged 1e-7 with
+        # 1.00000001e-7, and 1e+20 with 1e-20), so two lambdas never share a figure.
+        slug = audit_metrics.slug(f"{axis}-{groups[0].method}") + (
+            f"-lambda-{path_component(lambda_text(lambda_))}" if lambda_ else ""
         )
         name = f"figures/blocks-{slug}.png"
         _block_chart_per_profession(groups, f"{axis}: per-block BIoU, {label}", report_dir / name)

@@ -78,5 +78,7 @@ def test_maps_command_rejects_absent_concept(tmp_path):
             str(tmp_path),
         ],
     )
-    assert result.exit_code != 0
-    assert "race" in str(result.exception) and "gender" in str(result.exception)
+    # One line naming the option and the prompt's tokens, no traceback.
+    assert result.exit_code == 2
+    assert result.output.startswith("error: --concepts: Concept 'race'")
+    assert "'gender'" in result.output and "Traceback" not in result.output

@@ -390,6 +390,7 @@ def test_methods_combine_fair_diffusion_hard_and_negative_prompting(pipe):
         ({"lambda_": -1.0}, ValueError, "lambda_ must be a number >= 0"),
         ({"attribution_prompt": P + " and" + " gender" * 80}, ValueError, "more than the text"),
         ({"preset": "fast"}, ValueError, "preset must be one of"),
+        ({"num_inference_steps": 0}, ValueError, "num_inference_steps must be >= 1, got 0"),
     ],
 )
 def test_clear_errors(pipe, kwargs, error, pattern):
@@ -400,7 +401,7 @@ def test_clear_errors(pipe, kwargs, error, pattern):
             args.pop("prompt"),
             args.pop("attribution_prompt"),
             args.pop("concepts"),
-            num_inference_steps=1,
+            num_inference_steps=args.pop("num_inference_steps", 1),
             **args,
         )
 

@@ -546,13 +546,19 @@ def test_skip_value_checks_drops_only_the_data_dependent_checks():
         )
 
 
-def test_nan_check_is_not_fooled_by_infinities():
+def test_non_finite_check_names_nan_and_inf_but_not_a_sum_overflow():
     x = torch.rand(2, 64)
     x[0, :2] = torch.tensor([float("inf"), float("-inf")])  # sums to NaN, but holds no NaN
-    ops.quantile_mask(x, 0.3)  # no ValueError
+    with pytest.raises(ValueError, match="x contains inf"):
+        ops.quantile_mask(x, 0.3)
+    x[0, 1] = 1.0  # +inf alone: the sum is inf, not NaN
+    with pytest.raises(ValueError, match="x contains inf"):
+        ops.soft_topk(x, 3, 0.1)
     x[1, 5] = float("nan")
     with pytest.raises(ValueError, match="contains NaN"):
         ops.quantile_mask(x, 0.3)
+    # Finite entries whose fp16 sum overflows are fine.
+    ops.quantile_mask(torch.full((1, 64), 60000.0, dtype=torch.float16), 0.3)
 
 
 def test_import_survives_a_broken_extension_with_one_warning():

@@ -245,6 +245,15 @@ def test_absent_concept_lists_prompt_tokens(sd):
     assert "'race'" in message and "firefighter" in message and "gender" in message
 
 
+def test_concept_beyond_the_token_limit_says_the_prompt_was_truncated(sd):
+    long_prompt = PROMPT + " and a" * 40 + " gender"  # "gender" lands past token 77
+    with pytest.raises(ConceptNotFoundError, match="truncated to the text encoder's 77"):
+        biasmap.trace(sd, long_prompt, ["gender"])
+    # A concept absent from the whole prompt keeps the ordinary message.
+    with pytest.raises(ConceptNotFoundError, match="is not in the attribution prompt"):
+        biasmap.trace(sd, long_prompt, ["race"])
+
+
 def test_batch_entries_are_independent(sd):
     """Two prompts x two images each: every entry equals its own single-image generation."""
     prompts = [PROMPT, "A photo of the face of a nurse"]

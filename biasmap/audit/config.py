@@ -15,7 +15,7 @@ import json
 import os
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -52,6 +52,24 @@ KNOWN_AXES = tuple(NEGATIVE_PROMPTS)
 # world's trained model and the random-weight builders.
 OFFLINE_MODELS = (PLANTED, *(name for name in RANDOM_MODELS if name != "tiny-sdxl"))
 DEFAULT_CLASS_PROMPT = "a photo of the face of a {cls} person"
+DType = Literal["fp32", "fp16", "bf16"]
+Preset = Literal["paper", "official"]
+DTYPES: tuple[str, ...] = get_args(DType)
+PRESET_NAMES: tuple[str, ...] = get_args(Preset)
+# The fields that change the row of a given key, so config_hash covers them (and only them).
+HASHED_FIELDS = (
+    "model",
+    "dtype",
+    "axes",
+    "prompts",
+    "q",
+    "steps",
+    "guidance",
+    "preset",
+    "map_size",
+    "image_size",
+    "clip_model",
+)
 
 
 class ConfigError(ValueError):
@@ -181,13 +199,92 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~"))
 
 
+def check_methods(methods: list[str]) -> list[str]:
+    """Raise ValueError unless every method is one of METHODS or `biasmap@<block>+<block>...`
+    (guidance on the named blocks only; check_method_blocks checks the names against a model)."""
+    unknown = [method for method in methods if method not in METHODS and not _block_method(method)]
+    if unknown:
+        raise ValueError(
+            f"unknown method(s) {unknown}; allowed: {list(METHODS)}, or biasmap@<block>+<block> "
+            "with the model's block names"
+        )
+    return methods
+
+
+def _block_method(method: str) -> bool:
+    name, at, blocks = method.partition("@")
+    return name == "biasmap" and bool(at) and all(blocks.split("+"))
+
+
+def check_axis(axis: str) -> str:
+    """Raise ValueError unless `axis` is a demographic axis the methods know (KNOWN_AXES)."""
+    if axis not in KNOWN_AXES:
+        raise ValueError(
+            f"unknown axis {axis!r}; allowed: {list(KNOWN_AXES)} (in a config, the concept word "
+            "appended to the attribution prompt is the axis's 'concept' field, and may be any word)"
+        )
+    return axis
+
+
+def check_model(value: str, offline: tuple[str, ...] = OFFLINE_MODELS) -> str:
+    """Raise ValueError unless `value` is an offline model name, a diffusers pipeline folder
+    or a hub id (which only loading can check). offline: the names the caller can run."""
+    from ..models import ModelNotAvailableError, check_pipeline_folder
+
+    if value in offline:
+        return value
+    if value == "tiny-sdxl":
+        raise ValueError(
+            "tiny-sdxl is not supported by the guided sampler (SD1.x/2.x only); "
+            f"use one of {list(offline)}, a local folder or a hub id"
+        )
+    expanded = os.path.expanduser(value)
+    if os.path.isdir(expanded):
+        try:
+            check_pipeline_folder(expanded)
+        except ModelNotAvailableError as error:
+            raise ValueError(str(error)) from None
+    elif _looks_like_path(value):
+        raise ValueError(
+            f"model folder {value!r} does not exist; give an existing local folder (written "
+            "by save_pretrained or huggingface-cli download), a hub id such as "
+            f"'stable-diffusion-v1-5/stable-diffusion-v1-5', or one of {list(offline)}"
+        )
+    return value
+
+
+def check_method_blocks(model: str, methods: list[str], image_size: int | None) -> None:
+    """Raise ValueError when a `biasmap@...` method names a block the model lacks at this image
+    size (None: the model's default). Models whose layout needs loading (hub ids) pass."""
+    from ..discovery.trace import cross_attention_block_names
+    from ..models import unet_layout
+
+    wanted = {method: method.partition("@")[2].split("+") for method in methods if "@" in method}
+    layout = unet_layout(model) if wanted else None
+    if layout is None:
+        return
+    unet, scale = layout
+    side = unet.get("sample_size", 64)
+    height, width = (side, side) if isinstance(side, int) else tuple(side)
+    if image_size is not None:
+        height = width = image_size // scale
+    names = cross_attention_block_names(unet, height, width)
+    for method, blocks in wanted.items():
+        missing = [block for block in blocks if block not in names]
+        if missing:
+            raise ValueError(
+                f"method {method!r} names block(s) {missing} that model {model!r} lacks; its "
+                f"cross-attention blocks at this image size are {names}"
+            )
+
+
 class AuditConfig(_Strict):
     """One audit: which model, which grid (professions x axes x seeds x methods x lambdas),
     how to generate, and where the results go. See configs/demo.yaml for a commented example."""
 
     # model
     model: str = "tiny"
-    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    dtype: DType = "fp32"
     device: str = "cpu"
     # the grid
     professions: list[str] = Field(default_factory=lambda: list(PAPER_PROFESSIONS), min_length=1)
@@ -200,7 +297,7 @@ class AuditConfig(_Strict):
     q: float = Field(0.7, gt=0.0, lt=1.0)
     steps: int = Field(50, ge=1)
     guidance: float | None = None  # CFG scale; None takes the preset's (7.5 paper, 7.0 official)
-    preset: Literal["paper", "official"] = "paper"
+    preset: Preset = "paper"
     map_size: int | None = Field(None, ge=1)
     image_size: int | None = Field(None, ge=8)  # side in pixels; None: the model's default
     # classification and FID (used by biasmap.audit.clip / fid)
@@ -222,22 +319,15 @@ class AuditConfig(_Strict):
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: list[str]) -> list[str]:
-        unknown = [method for method in value if method not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; allowed: {list(METHODS)}")
+        check_methods(value)
         _require_distinct("methods", value)
         return value
 
     @field_validator("axes")
     @classmethod
     def _axes(cls, value: dict[str, AxisConfig]) -> dict[str, AxisConfig]:
-        unknown = [axis for axis in value if axis not in KNOWN_AXES]
-        if unknown:
-            raise ValueError(
-                f"unknown axis name(s) {unknown}; allowed: {list(KNOWN_AXES)} (the concept "
-                "word appended to the attribution prompt is the axis's 'concept' field, and may "
-                "be any word)"
-            )
+        for axis in value:
+            check_axis(axis)
         return value
 
     @field_validator("professions")
@@ -259,22 +349,13 @@ class AuditConfig(_Strict):
     @field_validator("model")
     @classmethod
     def _model(cls, value: str) -> str:
-        if value in OFFLINE_MODELS:
-            return value
-        if value == "tiny-sdxl":
-            raise ValueError(
-                "tiny-sdxl is not supported by the guided sampler (SD1.x/2.x only); "
-                f"use one of {list(OFFLINE_MODELS)}, a local folder or a hub id"
-            )
-        expanded = os.path.expanduser(value)
-        if _looks_like_path(value) and not os.path.isdir(expanded):
-            raise ValueError(
-                f"model folder {value!r} does not exist; give an existing local folder (written "
-                "by save_pretrained or huggingface-cli download), a hub id such as "
-                "'stable-diffusion-v1-5/stable-diffusion-v1-5', or one of "
-                f"{list(OFFLINE_MODELS)}"
-            )
-        return value
+        return check_model(value)
+
+    @model_validator(mode="after")
+    def _blocks_exist(self) -> AuditConfig:
+        # Before anything runs: a block list the model lacks would fail only at its first batch.
+        check_method_blocks(self.model, self.methods, self.image_size)
+        return self
 
     @field_validator("device")
     @classmethod
@@ -325,21 +406,7 @@ class AuditConfig(_Strict):
         ray_address, device, fid_weights). device and batch_size can change the last bits of
         floating-point results, not what the experiment is.
         """
-        identity = self.model_dump(
-            include={
-                "model",
-                "dtype",
-                "axes",
-                "prompts",
-                "q",
-                "steps",
-                "guidance",
-                "preset",
-                "map_size",
-                "image_size",
-                "clip_model",
-            }
-        )
+        identity = self.model_dump(include=set(HASHED_FIELDS))
         if PLANTED in (self.model, self.clip_model):
             # "planted" names whatever weights this checkout ships; a retrained model is
             # another experiment.
@@ -415,6 +482,24 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> AuditConfig:
         raise ConfigError(f"invalid audit config {source}:\n{_describe(error)}") from None
 
 
+def _read_yaml(path: Path) -> Any:
+    """The YAML document in `path`; a syntax error or an empty file is a ConfigError naming the
+    file (and the line), since an empty config would silently run the whole default grid."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    if raw is None:
+        raise ConfigError(
+            f"{path}: the config file is empty; give at least the fields that differ from the "
+            "defaults (see configs/demo.yaml)"
+        )
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> AuditConfig:
     """Read a YAML config (None: all defaults), apply `key=value` overrides, validate."""
     raw: dict[str, Any] = {}
@@ -422,7 +507,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a YAML mapping, got {type(raw).__name__}")
     overrides = overrides or []

@@ -22,10 +22,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
 import os
+import string
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -36,9 +38,10 @@ from typing import Any, Protocol
 
 import torch
 
-from .config import AuditConfig
+from .config import HASHED_FIELDS, AuditConfig
+from .lock import RunLock
 from .schema import KEY_COLUMNS
-from .store import ResultsStore, StoreCheck
+from .store import PARTS, TEMP_PREFIX, TEMP_SUFFIX, ResultsStore, StoreCheck
 
 IMAGES = "images"
 RUN_FILE = "run.json"
@@ -147,9 +150,50 @@ def pending_batches(config: AuditConfig, done: set[tuple]) -> tuple[list[list[Wo
     return pending, todo, skipped
 
 
+# Characters a path component keeps as they are; every other one is escaped, so that a grid
+# value cannot leave the run folder (separators, "..") and two values never share a file.
+_PLAIN = frozenset(string.ascii_letters + string.digits + "-_+@.")
+_ESCAPE = "~"
+# Longer components are cut and given a digest of the whole (file systems allow 255 bytes).
+_MAX_COMPONENT = 120
+
+
+def path_component(value: str) -> str:
+    """`value` as one safe, readable file name, one-to-one with `value`.
+
+    Ordinary names (letters, digits, "-_+@.") stay as they are; any other character, "~" and a
+    leading "." become "~" and the hex of their UTF-8 bytes ("a/b" -> "a~2fb", ".." -> "~2e.").
+    Since "~" only ever starts an escape, distinct values give distinct names; very long
+    results end in a SHA-256 digest of the value instead.
+    """
+    escaped = "".join(
+        char if char in _PLAIN and not (index == 0 and char == ".") else _escape(char)
+        for index, char in enumerate(value)
+    )
+    if not escaped:
+        return _ESCAPE  # the empty string ("~" alone is no escape of anything else)
+    if len(escaped) > _MAX_COMPONENT:
+        digest = hashlib.sha256(value.encode()).hexdigest()[:16]
+        escaped = f"{escaped[: _MAX_COMPONENT - 18]}{_ESCAPE}{_ESCAPE}{digest}"
+    return escaped
+
+
+def _escape(char: str) -> str:
+    return "".join(f"{_ESCAPE}{byte:02x}" for byte in char.encode())
+
+
+def lambda_text(value: float) -> str:
+    """A lambda as text: "100" or "0.5" where 6 digits give it back exactly, else the shortest
+    repr that does (1e-07 vs 1.00000001e-07), so two lambdas never share a folder."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
 def image_path(item: WorkItem) -> str:
-    """The PNG's path relative to the run folder."""
-    folder = f"{IMAGES}/{item.profession}/{item.axis}/{item.method}/lambda-{item.lambda_:g}"
+    """The PNG's path relative to the run folder, inside images/ whatever the item's strings
+    hold. Readers use the path stored in each row (older runs named lambdas with :g)."""
+    parts = (item.profession, item.axis, item.method, f"lambda-{lambda_text(item.lambda_)}")
+    folder = "/".join([IMAGES, *(path_component(part) for part in parts)])
     return f"{folder}/seed-{item.seed}.png"
 
 
@@ -321,7 +365,7 @@ class ResultSink:
     @staticmethod
     def _save_png(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+        temporary = path.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}{TEMP_SUFFIX}")
         temporary.write_bytes(data)
         os.replace(temporary, path)
 
@@ -337,6 +381,11 @@ class AuditSummary:
     total: int
     check: StoreCheck
     seconds: float
+    # Keys whose stored image was missing or unreadable (regenerated), leftover temporary
+    # files of killed writers (removed), and the record of a dead run's lock taken over.
+    lost_images: int = 0
+    temporaries_removed: int = 0
+    stale_lock: dict | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -349,12 +398,14 @@ def prepare_run_dir(config: AuditConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     record = run_dir / RUN_FILE
     config_hash = config.config_hash
-    if record.exists():
+    # A folder whose earlier start failed before committing any result holds nothing to
+    # protect, so a corrected config may take it over.
+    if record.exists() and ResultsStore(run_dir).part_files():
         previous = json.loads(record.read_text())
         if previous.get("config_hash") != config_hash:
             before = previous.get("config", {})
             now = config.model_dump(mode="json")
-            changed = sorted(name for name in now if before.get(name) != now.get(name))
+            changed = [name for name in HASHED_FIELDS if before.get(name) != now.get(name)]
             raise RunFolderMismatchError(
                 f"{run_dir} holds the results of config hash {previous.get('config_hash')}, "
                 f"and this config has hash {config_hash} (fields that differ: {changed}); "
@@ -363,7 +414,7 @@ def prepare_run_dir(config: AuditConfig) -> Path:
     text = json.dumps(
         {"config_hash": config_hash, "config": config.model_dump(mode="json")}, indent=2
     )
-    temporary = record.with_name(f".tmp-{uuid.uuid4().hex}-{RUN_FILE}")
+    temporary = record.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}-{RUN_FILE}{TEMP_SUFFIX}")
     temporary.write_text(text)
     os.replace(temporary, record)
     return run_dir
@@ -383,15 +434,23 @@ def run_audit(
     from . import executors
 
     started = time.perf_counter()
-    run_dir = prepare_run_dir(config)
-    store = ResultsStore(run_dir)
-    check = store.check(repair=True)  # one read of the parts: the repair and the keys present
-    done = set(check.present)
-    batches, todo, skipped = pending_batches(config, done)
-    sink = ResultSink(run_dir, store, done)
-    if batches:
-        run = executors.run_ray if config.executor == "ray" else executors.run_local
-        run(config, batches, sink, classifier_factory=classifier_factory, progress=progress)
+    # One writer per folder: a second audit on it stops here (RunLockedError), before it
+    # could generate a key the first one is generating.
+    with RunLock(config.output) as lock:
+        run_dir = prepare_run_dir(config)
+        store = ResultsStore(run_dir)
+        check = store.check(repair=True)  # one read of the parts: the repair and the keys
+        # Under the lock every temporary file is a dead writer's.
+        removed = remove_temporaries(run_dir)
+        lost = unusable_images(run_dir, check.image_paths)
+        if lost:
+            store.drop_keys(lost)
+        done = set(check.present) - lost
+        batches, todo, skipped = pending_batches(config, done)
+        sink = ResultSink(run_dir, store, done)
+        if batches:
+            run = executors.run_ray if config.executor == "ray" else executors.run_local
+            run(config, batches, sink, classifier_factory=classifier_factory, progress=progress)
     return AuditSummary(
         run_dir=run_dir,
         generated=sink.images,
@@ -399,4 +458,37 @@ def run_audit(
         total=skipped + todo,
         check=check,
         seconds=time.perf_counter() - started,
+        lost_images=len(lost),
+        temporaries_removed=removed,
+        stale_lock=lock.stale,
     )
+
+
+def remove_temporaries(run_dir: Path) -> int:
+    """Delete the temporary files of killed writers in parts/, images/ and the run folder;
+    returns how many. Only the lock holder may call it: another writer's files would go too."""
+    candidates = [
+        *run_dir.glob(f"{TEMP_PREFIX}*"),
+        *(run_dir / PARTS).glob(f"{TEMP_PREFIX}*"),
+        *(run_dir / IMAGES).rglob(f"{TEMP_PREFIX}*"),
+    ]
+    removed = 0
+    for path in candidates:
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def unusable_images(run_dir: Path, image_paths: dict[tuple, str | None]) -> set[tuple]:
+    """The keys whose stored image is missing or cannot be decoded (resume regenerates them)."""
+    from PIL import Image
+
+    lost = set()
+    for key, relative in image_paths.items():
+        try:
+            with Image.open(run_dir / (relative or "")) as image:
+                image.verify()
+        except (OSError, SyntaxError, ValueError):  # PIL reports a broken PNG as SyntaxError
+            lost.add(key)
+    return lost

@@ -8,9 +8,11 @@
                                # .present: the keys of the valid ones
 
 Layout: <root>/parts/part-<uuid>.parquet. A part is written under a temporary name in the same
-folder (.tmp-part-<uuid>.parquet, which readers never match), flushed to disk with fsync and then
-renamed, so a reader sees either the whole part or none of it, and a killed writer leaves only a
-temporary file behind. Parts are never modified afterwards.
+folder (.tmp-part-<uuid>.parquet.partial, which neither readers nor a `parts/*.parquet` glob
+match), flushed to disk with fsync and then renamed, so a reader sees either the whole part or
+none of it, and a killed writer leaves only a temporary file behind. Parts are never modified
+afterwards; `drop_keys` replaces a part by a copy without some keys, moving the original to
+parts/replaced/.
 
 A part that pyarrow cannot read (truncated, garbage bytes), whose schema differs from SCHEMA, or
 whose rows break the row rules is reported with a warning naming the file and skipped, so its keys
@@ -38,8 +40,11 @@ from .schema import KEY_COLUMNS, SCHEMA
 
 PARTS = "parts"
 CORRUPT = "corrupt"
+REPLACED = "replaced"
 PART_PREFIX = "part-"
 TEMP_PREFIX = ".tmp-"
+# Ends temporary names, so that no glob for finished files (*.parquet, *.png) matches them.
+TEMP_SUFFIX = ".partial"
 
 Key = tuple  # (profession, axis, seed, method, lambda_, config_hash), in KEY_COLUMNS order
 
@@ -65,14 +70,15 @@ class StoreCheck:
     """What `ResultsStore.check` found.
 
     parts: readable, valid part files; rows: their rows (duplicates included); present: their
-    distinct keys (keys: how many); duplicate_rows: rows hidden by deduplication; corrupt:
-    unusable parts (and where they were moved when repairing); temporary: leftover temporary
-    files of killed writers.
+    distinct keys (keys: how many); image_paths: each present key's stored image path;
+    duplicate_rows: rows hidden by deduplication; corrupt: unusable parts (and where they were
+    moved when repairing); temporary: leftover temporary files of killed writers.
     """
 
     parts: int = 0
     rows: int = 0
     present: frozenset[Key] = frozenset()
+    image_paths: dict[Key, str | None] = field(default_factory=dict)
     duplicate_rows: int = 0
     corrupt: list[PartProblem] = field(default_factory=list)
     moved: list[Path] = field(default_factory=list)
@@ -87,6 +93,8 @@ class StoreCheck:
         return not self.corrupt
 
     def summary(self) -> str:
+        """Counts and the corrupt parts, one per line. Leftover temporary files are not in it:
+        the runner removes them and reports how many, once."""
         text = (
             f"{self.parts} part file(s), {self.rows} row(s), {self.keys} distinct key(s), "
             f"{self.duplicate_rows} duplicate row(s) hidden"
@@ -95,10 +103,6 @@ class StoreCheck:
             text += f"\ncorrupt part {problem.path}: {problem.reason}"
         for path in self.moved:
             text += f"\n  moved to {path}"
-        if self.temporary:
-            text += (
-                f"\n{len(self.temporary)} leftover temporary file(s) of killed writers (ignored)"
-            )
         return text
 
 
@@ -186,15 +190,41 @@ class ResultsStore:
         keys = _key_list(table)
         if len(set(keys)) != len(keys):
             raise InvalidRowsError("the rows repeat a key; each key is written once")
+        return self._commit(table)
+
+    def _commit(self, table: pa.Table) -> Path:
+        """Write a validated table as a new part: temporary name, fsync, rename."""
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         name = f"{PART_PREFIX}{uuid.uuid4().hex}.parquet"
-        temporary = self.parts_dir / f"{TEMP_PREFIX}{name}"
+        temporary = self.parts_dir / f"{TEMP_PREFIX}{name}{TEMP_SUFFIX}"
         final = self.parts_dir / name
         pq.write_table(table, temporary)
         _fsync_path(temporary)  # the bytes are on disk before the name says the part exists
         os.replace(temporary, final)
         _fsync_path(self.parts_dir, directory=True)  # and so is the rename
         return final
+
+    def drop_keys(self, keys: set[Key]) -> int:
+        """Remove `keys` from the store so that they count as missing; returns the rows removed.
+
+        Each part holding one of them is replaced: a new part with its other rows is committed
+        first, then the original moves to parts/replaced/ (never deleted), so a reader in
+        between sees the kept rows twice (deduplicated), never a key lost. Only the run's lock
+        holder may call this (biasmap.audit.lock).
+        """
+        removed = 0
+        parts, _ = self.scan()
+        for path, table in parts:
+            part_keys = _key_list(table)
+            drop = [key in keys for key in part_keys]
+            if not any(drop):
+                continue
+            kept = table.filter(pa.array([not flag for flag in drop]))
+            if kept.num_rows:
+                self._commit(kept)
+            self._move_to(path, self.parts_dir / REPLACED)
+            removed += table.num_rows - kept.num_rows
+        return removed
 
     # ------------------------------------------------------------------------- reading
 
@@ -296,10 +326,12 @@ class ResultsStore:
         temporary = (
             sorted(self.parts_dir.glob(f"{TEMP_PREFIX}*")) if self.parts_dir.is_dir() else []
         )
+        keys = _key_list(table)
         return StoreCheck(
             parts=len(parts),
             rows=sum(t.num_rows for _, t in parts),
-            present=frozenset(_key_list(table)),
+            present=frozenset(keys),
+            image_paths=dict(zip(keys, table.column("image_path").to_pylist(), strict=True)),
             duplicate_rows=duplicates,
             corrupt=problems,
             moved=list(moved.values()),
@@ -307,11 +339,16 @@ class ResultsStore:
         )
 
     def _move_aside(self, path: Path) -> Path | None:
-        self.corrupt_dir.mkdir(parents=True, exist_ok=True)
-        target = self.corrupt_dir / path.name
+        return self._move_to(path, self.corrupt_dir)
+
+    @staticmethod
+    def _move_to(path: Path, folder: Path) -> Path | None:
+        """Move `path` into `folder` under a free name; None when it is already gone."""
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / path.name
         suffix = 1
         while target.exists():
-            target = self.corrupt_dir / f"{path.stem}.{suffix}{path.suffix}"
+            target = folder / f"{path.stem}.{suffix}{path.suffix}"
             suffix += 1
         try:
             os.replace(path, target)

@@ -100,6 +100,13 @@ def concept_positions(tokenizer, prompt: str, concepts: Sequence[str]) -> Concep
             concept_tokens = [
                 t.replace("</w>", "") for t in tokenizer.convert_ids_to_tokens(concept_ids)
             ]
+            full_ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
+            if len(full_ids) > num_keys and _find_subsequence(full_ids, concept_ids) >= 0:
+                raise ConceptNotFoundError(
+                    f"Concept {concept!r} is cut off: the attribution prompt has "
+                    f"{len(full_ids)} tokens and was truncated to the text encoder's "
+                    f"{num_keys}, which end at {readable[-4:]}. Shorten the attribution prompt."
+                )
             raise ConceptNotFoundError(
                 f"Concept {concept!r} (tokens {concept_tokens}) is not in the attribution prompt "
                 f"{prompt!r}. Its tokens are {readable}. Use a word or phrase of the attribution "

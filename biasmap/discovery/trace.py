@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -90,6 +91,32 @@ def _block_names(blocks: Sequence[BlockInfo], height: int, width: int) -> dict[s
             stage, resolution = name.split("-", 1)
             names[key] = f"{stage}{key.rsplit('.', 1)[-1] if '.' in key else ''}-{resolution}"
     return names
+
+
+def cross_attention_block_names(
+    unet_config: Mapping[str, Any], latent_height: int, latent_width: int
+) -> list[str]:
+    """The block names (as `blocks=` takes them) of a UNet2DConditionModel with this
+    config.json at a latent of latent_height x latent_width, without building the UNet.
+
+    Follows UNet2DConditionModel: every down block but the last halves the latent, every up
+    block but the last doubles it, and the blocks whose type holds "CrossAttn" hold attn2.
+    """
+    down = list(unet_config.get("down_block_types", ()))
+    up = list(unet_config.get("up_block_types", ()))
+    mid = unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    blocks, depth = [], 0
+    for index, kind in enumerate(down):
+        if "CrossAttn" in kind:
+            blocks.append(BlockInfo(f"down_blocks.{index}", "down", depth))
+        depth += index < len(down) - 1
+    if mid and "CrossAttn" in mid:
+        blocks.append(BlockInfo("mid_block", "mid", depth))
+    for index, kind in enumerate(up):
+        if "CrossAttn" in kind:
+            blocks.append(BlockInfo(f"up_blocks.{index}", "up", depth))
+        depth -= index < len(up) - 1
+    return list(_block_names(blocks, latent_height, latent_width).values())
 
 
 def _selected_steps(timesteps, num_steps: int) -> set[int]:

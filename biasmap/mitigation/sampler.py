@@ -231,7 +231,14 @@ def _require_finite(energy: torch.Tensor, step: int) -> None:
         )
 
 
-def _check_arguments(pipe, lambda_, attribution_prompt, q, preset) -> None:
+def _check_arguments(pipe, lambda_, attribution_prompt, q, preset, num_inference_steps) -> None:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+        raise TypeError(
+            f"num_inference_steps must be an int >= 1, got {type(num_inference_steps).__name__}"
+        )
+    if num_inference_steps < 1:
+        # The scheduler would divide by it (ZeroDivisionError) or return no timesteps.
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     if isinstance(lambda_, bool) or not isinstance(lambda_, int | float) or not lambda_ >= 0:
         raise ValueError(f"lambda_ must be a number >= 0 (0 turns guidance off), got {lambda_!r}")
     if not 0.0 < q < 1.0:
@@ -328,7 +335,7 @@ def guided_generate(
     guidance_map_size and final_map_size, else the largest attention resolution).
     Returns GuidedOutput: images, energies [steps, B], grad_norms [steps, B], maps.
     """
-    _check_arguments(pipe, lambda_, attribution_prompt, q, preset)
+    _check_arguments(pipe, lambda_, attribution_prompt, q, preset, num_inference_steps)
     settings = _resolve_settings(
         preset,
         tau=tau,

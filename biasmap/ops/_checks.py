@@ -43,7 +43,7 @@ def value_checks_enabled() -> bool:
 @contextlib.contextmanager
 def skip_value_checks() -> Iterator[None]:
     """Within the block (this thread), the ops skip the checks that read tensor data back
-    to the host (NaN, index ranges, empty mask rows); shape, dtype and device checks stay.
+    to the host (NaN and inf, index ranges, empty mask rows); shape, dtype and device checks stay.
 
     Each such check is a device sync on a GPU, and a sync cannot be captured in a CUDA
     graph. For loops over inputs already checked once, and for graph capture.
@@ -57,12 +57,18 @@ def skip_value_checks() -> Iterator[None]:
 
 
 def finite(name: str, t: torch.Tensor) -> None:
+    """Raise a ValueError naming `name` when `t` holds NaN or an infinity: either turns the
+    masks and IoUs computed from it into NaN or into a silent 0/1."""
     if not value_checks_enabled():
         return
-    # One reduction without a [t.shape] bool temporary; the elementwise test only runs when
-    # the sum is NaN (a NaN entry, or infinities of both signs).
-    if bool(torch.isnan(t.sum())) and bool(torch.isnan(t).any()):
+    # One reduction without a [t.shape] bool temporary; the elementwise tests only run when
+    # the sum is not finite (a NaN or inf entry, or a sum that overflows the dtype).
+    if bool(torch.isfinite(t.sum())):
+        return
+    if bool(torch.isnan(t).any()):
         raise ValueError(f"{name} contains NaN ({_describe(t)}); attribution maps must be finite")
+    if bool(torch.isinf(t).any()):
+        raise ValueError(f"{name} contains inf ({_describe(t)}); attribution maps must be finite")
 
 
 def same_device_dtype(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
