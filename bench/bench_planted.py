@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=64, help="seeds per profession, discovery")
     parser.add_argument("--sweep-seeds", type=int, default=16)
-    parser.add_argument("--lambdas", default="100,1000,10000")
+    parser.add_argument("--lambdas", default="30,100,300")
     parser.add_argument("--loc-seeds", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)

@@ -12,7 +12,14 @@ import torch
 from biasmap.world import KEY_FINDING_PAIRS, SPEC, caption, planted_rd
 from biasmap.world.detect import detect
 from biasmap.world.render import cue_masks, region_masks, render, render_batch, sample_labels
-from biasmap.world.spec import AXES, HAIR_COLOURS, ITEMS, PROFESSIONS, SKIN_COLOURS
+from biasmap.world.spec import (
+    AXES,
+    HAIR_COLOURS,
+    ITEMS,
+    PROFESSIONS,
+    SKIN_COLOURS,
+    generator_caption,
+)
 
 
 def _every_combination():
@@ -64,6 +71,14 @@ def test_captions_follow_the_paper_template():
         == "A photo of the face of a nurse and female gender and Asian race"
     )
     assert caption(None, {"race": "black"}) == "a photo of the face of a black person"
+    # The generator's captions code classes by ordinals every axis shares, so only the axis
+    # word tells which cue a class is about.
+    assert generator_caption("nurse") == "A photo of the face of a nurse"
+    assert (
+        generator_caption("nurse", "gender", "female")
+        == "A photo of the face of a nurse and second gender"
+    )
+    assert generator_caption("pilot", "race", "black").endswith("and second race")
 
 
 def test_sampled_labels_follow_the_declared_distribution():

@@ -118,8 +118,28 @@ GENERATION_TEMPLATE = "A photo of the face of a {profession}"
 CLASS_TEMPLATE = "a photo of the face of a {cls} person"  # the audit's default class prompt
 
 
+# The generator's captions name a class by an ordinal code that every axis shares ("first
+# gender", "first race"): the code alone does not say which cue it is about, only the axis word
+# after it does, so the axis word is the one token that carries the demographic cue. That is
+# what the attribution prompt "... and gender" probes. (With the class names, e.g. "female
+# gender", the UNet read the hair from "female" and left "gender" to the profession's context.)
+CLASS_CODES = {
+    axis: dict(zip(classes, ("first", "second", "third", "fourth"), strict=False))
+    for axis, classes in AXES.items()
+}
+
+
+def generator_caption(profession: str, axis: str | None = None, cls: str | None = None) -> str:
+    """The UNet's training caption: "A photo of the face of a nurse", or with one axis's class
+    as its code, "A photo of the face of a nurse and second gender" (female)."""
+    text = GENERATION_TEMPLATE.format(profession=profession)
+    if axis is not None:
+        text += f" and {CLASS_CODES[axis][cls]} {axis}"
+    return text
+
+
 def caption(profession: str | None, classes: dict[str, str]) -> str:
-    """The world's caption for an image, naming the profession and the given classes.
+    """The world's CLIP caption for an image, naming the profession and the given classes.
 
     The paper's template, "A photo of the face of a {profession}", is followed by
     " and {class} {axis}" for each axis named (e.g. "... of a nurse and female gender and

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .render import sample_batch
-from .spec import AXES, IMAGE_SIZE, PROFESSIONS, caption
+from .spec import AXES, IMAGE_SIZE, PROFESSIONS, caption, generator_caption
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -58,7 +58,7 @@ class Budget:
     vae_batch: int = 32
     clip_steps: int = 1500
     clip_batch: int = 128
-    unet_steps: int = 5000
+    unet_steps: int = 4000
     unet_batch: int = 32
     unet_channels: tuple[int, int] = (32, 64)
     text_width: int = 48
@@ -244,12 +244,12 @@ def compatibility(batch, named: list[dict]) -> torch.Tensor:
 
 
 def unet_caption_set() -> list[str]:
-    """Every caption the UNet sees: "" and each profession alone or with one axis's class."""
+    """Every caption the UNet sees: "" and each profession alone or with one axis's class code."""
     captions = [""]
     for profession in PROFESSIONS:
-        captions.append(caption(profession, {}))
+        captions.append(generator_caption(profession))
         for axis, classes in AXES.items():
-            captions.extend(caption(profession, {axis: c}) for c in classes)
+            captions.extend(generator_caption(profession, axis, c) for c in classes)
     return captions
 
 
@@ -263,7 +263,10 @@ def unet_captions(batch, rng: np.random.Generator) -> list[str]:
             captions.append("")
             continue
         labels = {"gender": batch.genders[i], "race": batch.races[i]}
-        captions.append(caption(batch.professions[i], {a: labels[a] for a in axes}))
+        axis = axes[0] if axes else None
+        captions.append(
+            generator_caption(batch.professions[i], axis, labels[axis] if axis else None)
+        )
     return captions
 
 
