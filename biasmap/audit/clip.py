@@ -39,17 +39,28 @@ PAPER_MODEL = "openai/clip-vit-large-patch14"
 TINY_MODELS = ("tiny",)
 
 
-def tiny_clip(seed: int = 0):
-    """A small random-weight transformers CLIPModel (32x32 images, patch 8, width 32), per seed."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+def clip_config(
+    *,
+    text_width: int,
+    text_layers: int,
+    text_mlp: int,
+    vision_width: int,
+    vision_layers: int,
+    vision_mlp: int,
+    image_size: int,
+    patch_size: int,
+    projection_dim: int,
+):
+    """A small transformers CLIPConfig with the real CLIP vocabulary and 4 heads per tower."""
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
     from biasmap.models import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE
 
     text = CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=text_width,
+        intermediate_size=text_mlp,
+        num_hidden_layers=text_layers,
         num_attention_heads=4,
         max_position_embeddings=CLIP_MAX_LENGTH,
         bos_token_id=CLIP_BOS_ID,
@@ -57,15 +68,32 @@ def tiny_clip(seed: int = 0):
         pad_token_id=1,
     )
     vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=vision_width,
+        intermediate_size=vision_mlp,
+        num_hidden_layers=vision_layers,
         num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    return CLIPConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection_dim
+    )
+
+
+def tiny_clip(seed: int = 0):
+    """A small random-weight transformers CLIPModel (32x32 images, patch 8, width 32), per seed."""
+    from transformers import CLIPModel
+
+    config = clip_config(
+        text_width=32,
+        text_layers=2,
+        text_mlp=64,
+        vision_width=32,
+        vision_layers=2,
+        vision_mlp=64,
         image_size=32,
         patch_size=8,
-    )
-    config = CLIPConfig(
-        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16
+        projection_dim=16,
     )
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)

@@ -105,31 +105,20 @@ def build_vae():
 
 
 def build_clip(text_width: int):
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+    from transformers import CLIPModel
 
-    from ..models import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE
+    from ..audit.clip import clip_config
 
-    text = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=text_width,
-        intermediate_size=4 * text_width,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        bos_token_id=CLIP_BOS_ID,
-        eos_token_id=CLIP_EOS_ID,
-        pad_token_id=1,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
+    config = clip_config(
+        text_width=text_width,
+        text_layers=3,
+        text_mlp=4 * text_width,
+        vision_width=64,
+        vision_layers=3,
+        vision_mlp=128,
         image_size=IMAGE_SIZE,
         patch_size=4,
-    )
-    config = CLIPConfig(
-        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32
+        projection_dim=32,
     )
     return CLIPModel(config)
 
