@@ -216,10 +216,11 @@ def test_shipped_configs_are_valid(name, tmp_path):
         f"fid_weights={tmp_path}/inception.pth",
     ]
     config = load_config(REPO_ROOT / "configs" / name, [] if name == "demo.yaml" else local_paths)
-    if name == "demo.yaml":  # the README's main job: 3 x 2 x 4 x {sd, biasmap, fd, fd+biasmap}
-        assert (len(config.professions), len(config.axes), len(config.seeds)) == (3, 2, 4)
-        assert config.methods == ["sd", "biasmap", "fd", "fd+biasmap"] and config.model == "tiny"
-        assert sum(len(batch) for batch in work_batches(config)) == 96
+    if name == "demo.yaml":  # the README's main job: 5 x 2 x 8 x {sd, biasmap} on the planted model
+        assert (len(config.professions), len(config.axes), len(config.seeds)) == (5, 2, 8)
+        assert config.methods == ["sd", "biasmap"] and config.model == "planted"
+        assert config.clip_model == "planted"
+        assert sum(len(batch) for batch in work_batches(config)) == 160
 
 
 def test_seed_forms():

@@ -68,7 +68,7 @@ def test_load_pipeline_offline_errors(tmp_path):
         models.load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5", local_files_only=True)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(models.ModelNotAvailableError, match="in that folder"):
+    with pytest.raises(models.ModelNotAvailableError, match="not a diffusers pipeline"):
         models.load_pipeline(str(empty))
 
 
