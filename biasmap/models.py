@@ -148,20 +148,30 @@ def _clip_text_config(
     )
 
 
-def _kl_vae(block_out_channels, layers_per_block: int, sample_size: int, norm_num_groups=32):
-    """An SD-style KL autoencoder with four levels (vae_scale_factor 8), random weights."""
+def _kl_vae(
+    block_out_channels,
+    layers_per_block: int,
+    sample_size: int,
+    norm_num_groups=32,
+    *,
+    mid_block_attention: bool = True,
+):
+    """An SD-style KL autoencoder with one level per entry of block_out_channels
+    (vae_scale_factor 2 ** (levels - 1); SD's four give 8), random weights."""
     from diffusers import AutoencoderKL
 
+    levels = len(block_out_channels)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=tuple(block_out_channels),
         layers_per_block=layers_per_block,
         latent_channels=4,
         norm_num_groups=norm_num_groups,
         sample_size=sample_size,
+        mid_block_add_attention=mid_block_attention,
     )
 
 

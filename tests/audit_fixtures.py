@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from biasmap.audit.schema import SCHEMA
 
@@ -221,3 +222,9 @@ def image_store_rows(run_dir: Path, seeds: int = 10, size: int = 32) -> list[dic
                     )
                 )
     return rows
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    """An audit config file holding `data`; returns its path."""
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -18,11 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 pytest.importorskip("diffusers")
 
+from audit_fixtures import write_yaml  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from biasmap.audit.config import ConfigError, load_config, parse_seeds  # noqa: E402
@@ -70,11 +70,6 @@ def small_config(output: Path, **fields) -> dict:
     }
     config.update(fields)
     return config
-
-
-def write_yaml(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def pixel_probs(image: Image.Image, classes: int) -> torch.Tensor:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from PIL import Image
 
 pytest.importorskip("diffusers")
+
+from audit_fixtures import write_yaml  # noqa: E402
 
 from biasmap.audit.config import ConfigError, load_config  # noqa: E402
 from biasmap.audit.lock import LOCK_FILE, RunLock, RunLockedError  # noqa: E402
@@ -56,11 +57,6 @@ def small_config(output: Path, **fields) -> dict:
     }
     config.update(fields)
     return config
-
-
-def write_yaml(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:

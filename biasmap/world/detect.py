@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .render import region_masks
+from .render import box_mask, ellipse_mask, region_masks
 from .spec import AXES, HAIR_COLOURS, IMAGE_SIZE, ITEMS, SKIN_COLOURS
 
 # Largest RGB distance at which a pixel still shows a cue colour. Half the smallest gap
@@ -57,13 +57,6 @@ class Detection:
         return self.item_scores[self.profession] if self.profession else 0.0
 
 
-def _box_mask(box) -> np.ndarray:
-    r0, r1, c0, c1 = (max(0, v) for v in box)
-    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
-    mask[r0:r1, c0:c1] = True
-    return mask
-
-
 def _as_array(image) -> np.ndarray:
     array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
     if array.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
@@ -86,15 +79,6 @@ def _trimmed_extent(mask: np.ndarray, min_count: int = 2) -> tuple[int, int, int
     if len(rows) == 0 or len(cols) == 0:
         return None
     return int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
-
-
-def _ellipse_in(box: tuple[int, int, int, int]) -> np.ndarray:
-    r0, r1, c0, c1 = box
-    rows, cols = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
-    centre_r, centre_c = (r0 + r1 - 1) / 2, (c0 + c1 - 1) / 2
-    return ((rows - centre_r) / ((r1 - r0) / 2)) ** 2 + (
-        (cols - centre_c) / ((c1 - c0) / 2)
-    ) ** 2 <= 1.0
 
 
 def _nearest_class(pixels: np.ndarray, colours: dict) -> str | None:
@@ -125,7 +109,7 @@ def detect(image) -> Detection:
     if profession is not None:
         # Only near the item's place: the eyes share the teacher's black book's colour.
         r0, r1, c0, c1 = ITEMS[profession]["box"]
-        near_box = _box_mask((r0 - ITEM_SLACK, r1 + ITEM_SLACK, c0 - ITEM_SLACK, c1 + ITEM_SLACK))
+        near_box = box_mask((r0 - ITEM_SLACK, r1 + ITEM_SLACK, c0 - ITEM_SLACK, c1 + ITEM_SLACK))
         item_pixels = _near(pixels, ITEMS[profession]["colour"]) & near_box
         rows, cols = np.nonzero(item_pixels)
         # The painted rows alternate with bare ones, so the box ends one row after the last.
@@ -147,7 +131,7 @@ def detect(image) -> Detection:
         if extent is not None:
             # The world's hair is a band and its face an ellipse: their extent gives the
             # whole region, including the rows a see-through item paints over.
-            regions[axis] = _box_mask(extent) if axis == "gender" else _ellipse_in(extent)
+            regions[axis] = box_mask(extent) if axis == "gender" else ellipse_mask(extent)
         if item_box is None:
             overlap[axis] = 0.0
         else:

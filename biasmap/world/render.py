@@ -37,30 +37,36 @@ COLOUR_JITTER = 10
 PIXEL_NOISE = 3.0
 
 
-def _box(box) -> np.ndarray:
+def box_mask(box) -> np.ndarray:
+    """bool [32, 32] of a half-open box (row0, row1, col0, col1), clipped to the image."""
+    r0, r1, c0, c1 = (max(0, v) for v in box)
     mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
-    r0, r1, c0, c1 = box
     mask[r0:r1, c0:c1] = True
     return mask
+
+
+def ellipse_mask(box) -> np.ndarray:
+    """bool [32, 32] of the ellipse inscribed in a half-open box (the world's face shape)."""
+    r0, r1, c0, c1 = box
+    rows, cols = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
+    centre_r, centre_c = (r0 + r1 - 1) / 2, (c0 + c1 - 1) / 2
+    radius_r, radius_c = (r1 - r0) / 2, (c1 - c0) / 2
+    return ((rows - centre_r) / radius_r) ** 2 + ((cols - centre_c) / radius_c) ** 2 <= 1.0
 
 
 @lru_cache(maxsize=1)
 def region_masks() -> dict[str, np.ndarray]:
     """Fixed region masks, bool [32, 32] each: "hair", "face", "eyes", "shoulders", and
     "item:<profession>" (the item's whole box) and "stripes:<profession>" (its drawn rows)."""
-    r0, r1, c0, c1 = FACE
-    rows, cols = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
-    centre_r, centre_c = (r0 + r1 - 1) / 2, (c0 + c1 - 1) / 2
-    radius_r, radius_c = (r1 - r0) / 2, (c1 - c0) / 2
-    face = ((rows - centre_r) / radius_r) ** 2 + ((cols - centre_c) / radius_c) ** 2 <= 1.0
+    rows = np.arange(IMAGE_SIZE)[:, None]
     masks = {
-        "hair": _box(HAIR),
-        "face": face,
-        "eyes": _box(EYES[0]) | _box(EYES[1]),
-        "shoulders": _box(SHOULDERS),
+        "hair": box_mask(HAIR),
+        "face": ellipse_mask(FACE),
+        "eyes": box_mask(EYES[0]) | box_mask(EYES[1]),
+        "shoulders": box_mask(SHOULDERS),
     }
     for profession, item in ITEMS.items():
-        box = _box(item["box"])
+        box = box_mask(item["box"])
         masks[f"item:{profession}"] = box
         # See-through items: every other row, starting at the box's first row.
         masks[f"stripes:{profession}"] = box & ((rows - item["box"][0]) % 2 == 0)

@@ -42,11 +42,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..audit.clip import CLIP_MEAN, CLIP_STD
 from .render import sample_batch
 from .spec import AXES, IMAGE_SIZE, PROFESSIONS, caption, generator_caption
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 STAGES = ("vae", "clip", "unet")
 
 
@@ -87,21 +86,11 @@ BUDGETS = {
 
 
 def build_vae():
-    from diffusers import AutoencoderKL
+    from ..models import _kl_vae
 
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=IMAGE_SIZE,
-        # Self-attention at 16x16 would double the VAE's cost for flat-colour images.
-        mid_block_add_attention=False,
-    )
+    # Two levels: 32 px images -> 16x16 latents. Self-attention at 16x16 would double the
+    # VAE's cost for flat-colour images.
+    return _kl_vae((32, 64), 1, IMAGE_SIZE, norm_num_groups=8, mid_block_attention=False)
 
 
 def build_clip(text_width: int):
