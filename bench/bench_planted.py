@@ -10,7 +10,8 @@ Runs, in one go (about 25 min on 2 cores with the defaults):
 2. a guidance audit (`sd` and `biasmap` at each of `--lambdas`, `--sweep-seeds` seeds): mIoU,
    the true overlap of the cues (detector) and the item's survival against lambda;
 3. localization (`--loc-seeds` seeds): each profession's map peak inside its item, the axis
-   word's peak inside its region, and the paper's Appendix D coverage curve (q 0.1-0.9);
+   word's peak inside its region, each map's contrast (attribution inside its cue against
+   the cue's area), and the paper's Appendix D coverage curve (q 0.1-0.9);
 4. the paper's Appendix E: CLIP text cosine similarity with the axis word against mIoU with
    the axis word's map, for a few concept words;
 5. `--fingerprint`: the small-seed figures tests/test_world.py recomputes (written next to the
@@ -46,7 +47,7 @@ from biasmap.world.ground_truth import (  # noqa: E402
     SPEARMAN_TARGET,
     audit_ground_truth,
 )
-from biasmap.world.spec import AXES, PROFESSIONS  # noqa: E402
+from biasmap.world.spec import AXES, PROFESSIONS, SPEC  # noqa: E402
 from biasmap.world.validation import (  # noqa: E402
     LOCALIZATION_TARGET,
     appendix_d_summary,
@@ -172,6 +173,27 @@ def _markdown(record: dict, command: str) -> str:
             )
         lines.append("")
     lines += [
+        "## Map contrast (why mIoU does not follow the planted entanglement)",
+        "",
+        "Contrast = the share of a map's attribution inside its true cue / the cue's share of "
+        "the map (1 = flat). Mass in region = the share of the profession map's attribution "
+        "inside the axis's true region: a diagnostic, not the paper's metric.",
+        "",
+        "| axis | profession | planted entanglement | profession map contrast (item) "
+        "| axis map contrast (region) | profession mass in region |",
+        "|---|---|---|---|---|---|",
+    ]
+    for axis, per_profession in record["localization"].items():
+        for p, r in per_profession.items():
+            lines.append(
+                f"| {axis} | {p} | {_fmt(SPEC[p]['entanglement'][axis])} | "
+                f"{_fmt(r['profession_contrast'])} | {_fmt(r['axis_contrast'])} | "
+                f"{_fmt(r['profession_mass_in_region'])} |"
+            )
+    for axis, rho in record["mass_in_region_spearman"].items():
+        lines.append(f"| {axis} | Spearman with entanglement | | | | {_fmt(rho)} |")
+    lines += [
+        "",
         "## Guidance (means over professions)",
         "",
         "| axis | method | lambda | mIoU | true cue overlap | item found |",
@@ -310,6 +332,13 @@ def main(argv: list[str] | None = None) -> dict:
         "guidance": guidance.figures,
         "localization": {
             axis: {p: {k: v for k, v in r.items() if k != "curve"} for p, r in per.items()}
+            for axis, per in localized.items()
+        },
+        "mass_in_region_spearman": {
+            axis: spearman(
+                [SPEC[p]["entanglement"][axis] for p in per],
+                [r["profession_mass_in_region"] for r in per.values()],
+            )
             for axis, per in localized.items()
         },
         "appendix_d": curves,

@@ -269,3 +269,16 @@ def test_audit_report_of_the_planted_model_has_a_ground_truth_section(tmp_path):
     summary = (tmp_path / "run" / "report" / "tables" / "ground-truth-summary.csv").read_text()
     assert summary.splitlines()[0].startswith("axis,professions,")
     assert len(summary.splitlines()) == 1 + 2  # header + both axes
+
+
+def test_map_contrast_is_one_for_a_flat_map_and_inverse_area_for_a_map_inside_its_cue():
+    from biasmap.world.validation import contrast, mass_inside
+
+    truth = torch.zeros(4, 4, dtype=torch.bool)
+    truth[:2, :1] = True  # 2 of 16 cells
+    flat = torch.ones(3, 4, 4)
+    inside = truth.float().expand(3, 4, 4) * torch.tensor([1.0, 2.0, 5.0])[:, None, None]
+    half = torch.where(truth, 3.0, 0.2).expand(1, 4, 4)  # 6 inside, 14 * 0.2 = 2.8 outside
+    assert contrast(flat, truth) == pytest.approx(1.0)
+    assert contrast(inside, truth) == pytest.approx(8.0)
+    assert mass_inside(half, truth) == pytest.approx(6.0 / 8.8)

@@ -70,12 +70,27 @@ def _peak_inside(maps: torch.Tensor, truth: torch.Tensor) -> float:
     return float(truth.flatten()[peaks].float().mean())
 
 
+def mass_inside(maps: torch.Tensor, truth: torch.Tensor) -> float:
+    """Mean share of each map's total attribution [B, S, S] that falls inside truth [S, S]."""
+    flat = maps.flatten(1).double()
+    return float((flat[:, truth.flatten()].sum(1) / flat.sum(1)).mean())
+
+
+def contrast(maps: torch.Tensor, truth: torch.Tensor) -> float:
+    """mass_inside / the region's share of the map: 1 for a flat map, 1 / area for a map that
+    lies wholly inside the region. Quantile masks read only ranks, so a low contrast means the
+    q-mask's cells outside the cue decide the IoU."""
+    return mass_inside(maps, truth) / float(truth.float().mean())
+
+
 def localization(
     pipe, professions: Sequence[str], axes: Sequence[str], seeds: Sequence[int], steps: int
 ) -> dict:
     """Per axis and profession: peak-in-cue rates, mIoU, and Appendix D coverage curves.
 
     Returns {axis: {profession: {"profession_peak_in_item", "axis_peak_in_region", "miou",
+    "profession_contrast", "axis_contrast" (see `contrast`), "profession_mass_in_region"
+    (share of the profession map's attribution inside the axis's true region),
     "curve": {"axis": [[q, recall, precision], ...], "profession": [...]}}}}.
     """
     results: dict = {}
@@ -93,6 +108,9 @@ def localization(
                 "profession_peak_in_item": _peak_inside(item_maps, item_truth),
                 "axis_peak_in_region": _peak_inside(axis_maps, axis_truth),
                 "miou": float(maps.iou(axis, profession).mean()),
+                "profession_contrast": contrast(item_maps, item_truth),
+                "axis_contrast": contrast(axis_maps, axis_truth),
+                "profession_mass_in_region": mass_inside(item_maps, axis_truth),
                 "curve": {
                     "axis": [[q, *_coverage(axis_maps, axis_truth, q)] for q in APPENDIX_D_QS],
                     "profession": [
