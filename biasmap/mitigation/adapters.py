@@ -10,8 +10,8 @@ behind a `DenoiserAdapter`:
 - the factor that expresses lambda * dE/dz_t in the denoiser output's parameterisation;
 - decoding the final latents into images.
 
-`UNetAdapter` serves UNet2DConditionModel pipelines: SD1.x/SD2.x (StableDiffusionPipeline).
-A new family (e.g. the MM-DiTs) adds an adapter class
+`UNetAdapter` serves UNet2DConditionModel pipelines: SD1.x/SD2.x (StableDiffusionPipeline)
+and SDXL (StableDiffusionXLPipeline). A new family (e.g. the MM-DiTs) adds an adapter class
 here and registers it in ADAPTERS; the sampler loop does not change.
 
 Shapes: N is a number of denoiser rows (images x CFG/edit branches), B the number of images,
@@ -217,12 +217,19 @@ def guidance_factor(scheduler, timestep) -> float:
 
 
 class UNetAdapter(DenoiserAdapter):
-    """UNet2DConditionModel pipelines: StableDiffusionPipeline (SD1.x/2.x), with any
-    DDPM-family scheduler. They condition on the text encoder's last hidden states
-    [N, 77, D] and take no extra tensors.
+    """UNet2DConditionModel pipelines: StableDiffusionPipeline (SD1.x/2.x) and
+    StableDiffusionXLPipeline (SDXL), with any DDPM-family scheduler.
+
+    SD1.x/2.x condition on the text encoder's last hidden states [N, 77, D]. SDXL conditions
+    on both encoders' penultimate hidden states concatenated, [N, 77, D1 + D2], and adds
+    the second encoder's pooled projection (text_embeds [N, P]) and the micro-conditioning
+    time ids [N, 6] = (original height, width, crop top, left, target height, width), which
+    are, as diffusers' defaults, (H, W, 0, 0, H, W) for an H x W image. Without a negative
+    prompt SDXL's unconditional rows are zeros when the pipeline says
+    force_zeros_for_empty_prompt (as diffusers), else the empty prompt's encoding.
     """
 
-    pipeline_names = ("StableDiffusionPipeline",)
+    pipeline_names = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
     def __init__(self, pipe):
         super().__init__(pipe)
@@ -232,11 +239,7 @@ class UNetAdapter(DenoiserAdapter):
                     f"UNetAdapter needs a diffusers {' or '.join(self.pipeline_names)}; "
                     f"{type(pipe).__name__} has no {component!r}"
                 )
-        if getattr(pipe, "text_encoder_2", None) is not None:
-            raise NotImplementedError(
-                "guided_generate supports SD1.x/2.x pipelines; SDXL's added conditioning is "
-                "not wired into the guided loop yet (biasmap.trace works with SDXL)"
-            )
+        self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
         alphabar(pipe.scheduler, 0)  # raises for schedulers without a DDPM beta schedule
 
     @classmethod
@@ -247,25 +250,59 @@ class UNetAdapter(DenoiserAdapter):
 
     @property
     def family(self) -> str:
-        return "SD1.x/SD2.x (UNet)"
+        return "SDXL (UNet)" if self.sdxl else "SD1.x/SD2.x (UNet)"
 
     @property
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.unet
 
+    def _tokenizers(self) -> list:
+        return [
+            t
+            for t in (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None))
+            if t is not None
+        ]
+
     def check_attribution_prompt(self, attribution_prompt: str) -> None:
-        tokenizer = self.pipe.tokenizer
-        limit = tokenizer.model_max_length
-        length = len(tokenizer(attribution_prompt).input_ids)
-        if length > limit:
-            raise ValueError(
-                f"the attribution prompt has {length} tokens, more than the text encoder's "
-                f"{limit}; shorten it (it is P plus ' and <concept>')"
-            )
+        for tokenizer in self._tokenizers():
+            limit = tokenizer.model_max_length
+            length = len(tokenizer(attribution_prompt).input_ids)
+            if length > limit:
+                raise ValueError(
+                    f"the attribution prompt has {length} tokens, more than the text encoder's "
+                    f"{limit}; shorten it (it is P plus ' and <concept>')"
+                )
 
     def default_size(self) -> tuple[int, int]:
         side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         return side, side
+
+    def _time_ids(self, rows: int, image_size: tuple[int, int], dtype) -> torch.Tensor:
+        """SDXL's micro-conditioning [rows, 6]: original size, crop top-left (0, 0), target size."""
+        values = [*image_size, 0, 0, *image_size]
+        unet = self.pipe.unet
+        expected = unet.add_embedding.linear_1.in_features
+        given = unet.config.addition_time_embed_dim * len(values)
+        given += self.pipe.text_encoder_2.config.projection_dim
+        if given != expected:
+            raise ValueError(
+                f"this SDXL UNet's added embedding takes {expected} features, but "
+                f"{len(values)} time ids and text_encoder_2's projection give {given}; the "
+                "pipeline's UNet and second text encoder do not belong together"
+            )
+        ids = torch.tensor([values], dtype=dtype, device=self.device)
+        return ids.expand(rows, -1)
+
+    def _conditioning(self, embeds, pooled, image_size) -> Conditioning:
+        if not self.sdxl:
+            return Conditioning(embeds)
+        return Conditioning(
+            embeds,
+            {
+                "text_embeds": pooled.to(self.device),
+                "time_ids": self._time_ids(embeds.shape[0], image_size, embeds.dtype),
+            },
+        )
 
     def encode(self, prompt, num_images_per_prompt, use_cfg, negative_prompt, image_size):
         with torch.no_grad():
@@ -276,8 +313,13 @@ class UNetAdapter(DenoiserAdapter):
                 do_classifier_free_guidance=use_cfg,
                 negative_prompt=negative_prompt,
             )
-        embeds, negative = encoded
-        return Conditioning(embeds), Conditioning(negative) if use_cfg else None
+        if self.sdxl:
+            embeds, negative, pooled, negative_pooled = encoded
+        else:
+            (embeds, negative), pooled, negative_pooled = encoded, None, None
+        cond = self._conditioning(embeds, pooled, image_size)
+        uncond = self._conditioning(negative, negative_pooled, image_size) if use_cfg else None
+        return cond, uncond
 
     def encode_edits(self, prompts, rows, image_size):
         edits = []
@@ -289,6 +331,8 @@ class UNetAdapter(DenoiserAdapter):
     def set_timesteps(self, num_inference_steps, image_size):
         scheduler = self.pipe.scheduler
         scheduler.set_timesteps(num_inference_steps, device=self.device)
+        if self.sdxl and hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)  # as StableDiffusionXLPipeline (SD's pipeline does not)
         return scheduler.timesteps
 
     def prepare_latents(self, rows, image_size, dtype, generator, latents):
@@ -311,11 +355,17 @@ class UNetAdapter(DenoiserAdapter):
         return self.pipe.prepare_extra_step_kwargs(generator, 0.0)
 
     def denoise(self, latents, timestep, conditioning):
+        if self.sdxl and set(conditioning.extra) != {"text_embeds", "time_ids"}:
+            raise ValueError(
+                "an SDXL UNet needs conditioning with extra text_embeds (pooled) and time_ids; "
+                f"got {sorted(conditioning.extra)} (build it with UNetAdapter(pipe).encode)"
+            )
         sample = self.pipe.scheduler.scale_model_input(latents, timestep)
         return self.pipe.unet(
             sample,
             timestep,
             encoder_hidden_states=conditioning.embeds,
+            added_cond_kwargs=conditioning.extra if self.sdxl else None,
             return_dict=False,
         )[0]
 
@@ -326,7 +376,11 @@ class UNetAdapter(DenoiserAdapter):
         if output_type == "latent":
             return latents
         with torch.no_grad():
-            return self._decode_sd(latents, generator, output_type)
+            return (
+                self._decode_sdxl(latents, output_type)
+                if self.sdxl
+                else self._decode_sd(latents, generator, output_type)
+            )
 
     def _decode_sd(self, latents, generator, output_type):
         """As StableDiffusionPipeline finishes: VAE, safety checker, denormalisation."""
@@ -339,6 +393,34 @@ class UNetAdapter(DenoiserAdapter):
         return pipe.image_processor.postprocess(
             image, output_type=output_type, do_denormalize=denormalize
         )
+
+    def _decode_sdxl(self, latents, output_type):
+        """As StableDiffusionXLPipeline finishes: an fp16 VAE that asks for it decodes in
+        float32 (it overflows in fp16), latents are un-normalised with the VAE's mean and std
+        when it has them, and the invisible watermark is applied when the pipeline has one."""
+        vae = self.pipe.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+        if upcast:
+            vae.to(torch.float32)
+            latents = latents.to(torch.float32)
+        try:
+            mean = getattr(vae.config, "latents_mean", None)
+            std = getattr(vae.config, "latents_std", None)
+            if mean is not None and std is not None:
+                shape = (1, len(mean), 1, 1)
+                mean = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
+                std = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+                latents = latents * std / vae.config.scaling_factor + mean
+            else:
+                latents = latents / vae.config.scaling_factor
+            image = vae.decode(latents, return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+        watermark = getattr(self.pipe, "watermark", None)
+        if watermark is not None:
+            image = watermark.apply_watermark(image)
+        return self.pipe.image_processor.postprocess(image, output_type=output_type)
 
 
 # Tried in order; the first whose supports(pipe) is true drives the pipeline.

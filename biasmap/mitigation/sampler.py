@@ -20,7 +20,7 @@ second generation.
 
 The loop is the same for every model family: encoding prompts into conditioning, the
 denoiser call, the guidance factor and decoding sit behind a DenoiserAdapter
-(biasmap.mitigation.adapters; UNetAdapter serves SD1.x/2.x).
+(biasmap.mitigation.adapters; UNetAdapter serves SD1.x/2.x and SDXL).
 """
 
 from __future__ import annotations
@@ -287,9 +287,11 @@ def guided_generate(
     """Generate with BiasMap's energy guidance (Algorithm 1) and record the run's maps.
 
     pipe: a diffusers pipeline that biasmap.mitigation.adapters.ADAPTERS serves:
-    StableDiffusionPipeline (SD1.x/2.x), with any DDPM-family scheduler.
+    StableDiffusionPipeline (SD1.x/2.x) or StableDiffusionXLPipeline (SDXL: both text
+    encoders, pooled embeddings and time ids), with any DDPM-family scheduler.
     prompt: P (one string or a list: B = len * num_images_per_prompt images).
-    attribution_prompt: P', e.g. "A photo of the face of a firefighter and gender".
+    attribution_prompt: P', e.g. "A photo of the face of a firefighter and gender"; its keys
+    come from the pipeline's own text encoding (SDXL: both encoders' states, concatenated).
     concepts: (a, b): the demographic concept a and the semantic concept b of P'.
     lambda_: energy guidance strength (0: plain sampling, bit-identical to diffusers).
     q: quantile of the hard masks; the soft top-k keeps k = floor((1 - q) n).
