@@ -89,7 +89,7 @@ class DenoiserAdapter:
 
     @property
     def family(self) -> str:
-        """The model family in words, e.g. "SDXL (UNet)"; reports name it."""
+        """The model family in words, e.g. "SDXL UNet"; reports name it."""
         raise NotImplementedError
 
     @property
@@ -250,7 +250,11 @@ class UNetAdapter(DenoiserAdapter):
 
     @property
     def family(self) -> str:
-        return "SDXL (UNet)" if self.sdxl else "SD1.x/SD2.x (UNet)"
+        from ..models import pipeline_family
+
+        return pipeline_family(
+            "StableDiffusionXLPipeline" if self.sdxl else "StableDiffusionPipeline"
+        )
 
     @property
     def denoiser(self) -> torch.nn.Module:
