@@ -103,6 +103,19 @@ def test_lambda_zero_is_bit_identical_to_diffusers(family_pipe, scheduler_cls, k
     assert ours.grad_norms.abs().sum() == 0 and not ours.applied.any()
 
 
+def test_fp16_sdxl_decodes_in_float32_as_diffusers_and_keeps_its_vae_fp16():
+    """SDXL's fp16 VAE overflows, so the pipeline decodes in float32 (force_upcast); ours too."""
+    from biasmap.models import load_pipeline
+
+    pipe = load_pipeline("tiny-sdxl", "fp16")
+    assert pipe.vae.config.force_upcast
+    kwargs = dict(num_inference_steps=2, guidance_scale=7.5, output_type="np")
+    ours = guided_generate(pipe, P, A, CONCEPTS, lambda_=0.0, generator=_gen(3), **kwargs)
+    theirs = pipe(P, generator=_gen(3), **kwargs).images
+    assert np.array_equal(ours.images, theirs)
+    assert pipe.vae.dtype == torch.float16
+
+
 TAU = 0.2  # a soft top-k soft enough that the tiny models' gradients do not vanish
 
 
