@@ -287,6 +287,7 @@ def generate(
         parse_seeds,
     )
     from biasmap.mitigation import guided_generate
+    from biasmap.mitigation.adapters import adapter_for
     from biasmap.mitigation.methods import plan
     from biasmap.models import load_pipeline
 
@@ -346,6 +347,7 @@ def generate(
         typer.echo(f"seed {seed}: IoU = {results[-1]['iou']:.4f}")
     summary = {
         "model": model,
+        "model_family": adapter_for(pipe).family,
         "profession": profession,
         "axis": axis,
         "method": method,

@@ -51,6 +51,12 @@ _SD_BLOCK_TYPES = {
 }
 TINY_UNET_LAYOUT = {"sample_size": 16, **_SD_BLOCK_TYPES}
 SD15_UNET_LAYOUT = {"sample_size": 64, **_SD_BLOCK_TYPES}
+# SDXL's shape: a plain first down block, cross-attention below it.
+TINY_SDXL_UNET_LAYOUT = {
+    "sample_size": 16,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+}
 # Every builder's VAE has four levels, as released SD models do.
 VAE_SCALE_FACTOR = 8
 
@@ -269,11 +275,9 @@ def tiny_sdxl(seed: int = 0):
     torch.manual_seed(seed)
     try:
         unet = UNet2DConditionModel(
-            sample_size=16,
+            **TINY_SDXL_UNET_LAYOUT,
             in_channels=4,
             out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             block_out_channels=(16, 32, 32),
             layers_per_block=1,
             norm_num_groups=8,
@@ -431,6 +435,8 @@ def unet_layout(name_or_path: str) -> tuple[dict[str, Any], int] | None:
 
     if name_or_path in ("tiny", "tiny-sd", "tiny-sd2"):
         return dict(TINY_UNET_LAYOUT), VAE_SCALE_FACTOR
+    if name_or_path == "tiny-sdxl":
+        return dict(TINY_SDXL_UNET_LAYOUT), VAE_SCALE_FACTOR
     if name_or_path == "random-sd15":
         return dict(SD15_UNET_LAYOUT), VAE_SCALE_FACTOR
     folder = PLANTED_FOLDER / "pipeline" if name_or_path == PLANTED else None
@@ -448,6 +454,57 @@ def unet_layout(name_or_path: str) -> tuple[dict[str, Any], int] | None:
     except (OSError, ValueError, KeyError, TypeError):
         scale = VAE_SCALE_FACTOR
     return unet, scale
+
+
+# The family of each diffusers pipeline class biasmap runs, in the words reports use.
+PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": "SD1.x/SD2.x UNet",
+    "StableDiffusionXLPipeline": "SDXL UNet",
+}
+_BUILDER_PIPELINES = {
+    "tiny": "StableDiffusionPipeline",
+    "tiny-sd": "StableDiffusionPipeline",
+    "tiny-sd2": "StableDiffusionPipeline",
+    "tiny-sdxl": "StableDiffusionXLPipeline",
+    "random-sd15": "StableDiffusionPipeline",
+}
+
+
+def pipeline_family(pipeline_class: str) -> str:
+    """The model family of a diffusers pipeline class name ("StableDiffusionXLPipeline" ->
+    "SDXL UNet"); a class biasmap does not know is named as it is."""
+    return PIPELINE_FAMILIES.get(pipeline_class, pipeline_class)
+
+
+def model_family(name_or_path: str) -> str | None:
+    """The family of what load_pipeline(name_or_path) loads, read without loading weights.
+
+    Known for the random-weight builders; the planted model and local folders tell by their
+    model_index.json's _class_name, hub ids by the model_index.json in the local hub cache.
+    None when nothing tells (a hub id never downloaded here, an unreadable folder).
+    """
+    import json
+
+    if name_or_path in _BUILDER_PIPELINES:
+        return pipeline_family(_BUILDER_PIPELINES[name_or_path])
+    index = None
+    if name_or_path == PLANTED:
+        index = PLANTED_FOLDER / "pipeline" / "model_index.json"
+    elif os.path.isdir(os.path.expanduser(name_or_path)):
+        index = Path(os.path.expanduser(name_or_path)) / "model_index.json"
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name_or_path, "model_index.json")
+        except ValueError:  # not a valid repo id: nothing tells
+            cached = None
+        index = Path(cached) if isinstance(cached, str) else None
+    try:
+        class_name = json.loads(index.read_text())["_class_name"]
+    except (AttributeError, OSError, ValueError, KeyError, TypeError):
+        return None
+    return pipeline_family(class_name)
 
 
 def planted_folder(part: str) -> Path:

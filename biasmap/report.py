@@ -31,7 +31,7 @@ from biasmap.audit import metrics as audit_metrics
 from biasmap.audit import stats as audit_stats
 from biasmap.audit.metrics import GroupMetrics, Table, method_label
 from biasmap.audit.runner import RUN_FILE, lambda_text, path_component
-from biasmap.models import PLANTED, RANDOM_MODELS
+from biasmap.models import PLANTED, RANDOM_MODELS, model_family
 
 REPORT_FOLDER = "report"
 
@@ -350,7 +350,7 @@ figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #ddd; 
 <body>
 <h1>BiasMap audit report</h1>
 <p>Run folder <code>{{ run_dir }}</code>: {{ num_rows }} images from {{ part_files }} part
-files{% if models %}, model {{ models | join(", ") }}{% endif %}.
+files{% if models %}, model {{ model_labels | join(", ") }}{% endif %}.
 Lower is better for every metric. RD is max<sub>g</sub> p<sub>g</sub> &minus;
 min<sub>g</sub> p<sub>g</sub> over the CLIP label frequencies of a profession's images;
 pooled values are means over professions; FID compares each method with the sd images of the
@@ -444,6 +444,13 @@ alt="{{ profession }} {{ label }} seed {{ cell.seed }}">{% elif cell %}(image mi
 </body>
 </html>
 """
+
+
+def _model_label(model: str) -> str:
+    """The model as the report names it: "tiny-sdxl (SDXL UNet)"; a model whose family
+    nothing here tells (a hub id not in this machine's cache) by its name alone."""
+    family = model_family(model)
+    return f"{model} ({family})" if family else model
 
 
 def write_report(
@@ -593,6 +600,7 @@ def write_report(
         num_rows=store.num_rows,
         part_files=store.part_files,
         models=models,
+        model_labels=[_model_label(model) for model in models],
         random_weights=bool(models) and all(m in RANDOM_MODELS for m in models),
         store_notes=store_notes,
         ground_truth=ground_truth,

@@ -353,6 +353,48 @@ def test_run_writes_rows_images_and_classifier_columns(tmp_path):
     assert len(raw_keys(ResultsStore(summary.run_dir))) == 6
 
 
+def test_an_sdxl_audit_runs_every_method_and_its_report_names_the_family(tmp_path):
+    from biasmap.models import tiny_sdxl
+    from biasmap.report import write_report
+
+    methods = ["sd", "biasmap", "fd", "hard", "negative+biasmap", "biasmap@down-8+up-8"]
+    fields = dict(model="tiny-sdxl", professions=["doctor", "nurse"], seeds="0-1")
+    config = load_config(
+        write_yaml(tmp_path / "c.yaml", small_config(tmp_path / "run", **fields, methods=methods)),
+        [],
+    )
+    summary = run_audit(config, classifier_factory=pixel_classifier, progress=False)
+    assert (summary.generated, summary.total) == (2 * 2 * len(methods),) * 2
+    rows = rows_by_key(ResultsStore(summary.run_dir).read_table())
+
+    def row(method, seed, lambda_=0.0):
+        return rows[("doctor", "gender", seed, method, lambda_, config.config_hash)]
+
+    for stored in rows.values():
+        assert stored["model"] == "tiny-sdxl" and 0.0 <= stored["iou"] <= 1.0
+        targeted = stored["method"].startswith("biasmap@")
+        expected = ["down-8", "up-8"] if targeted else ["down-8", "down-4", "up-4", "up-8"]
+        assert stored["biou_blocks"] == expected
+    assert row("hard", 0)["prompt"] == "A photo of the face of a diverse doctor"
+    # The sd rows are the diffusers SDXL pipeline's own images (PNG-exact), batched as the
+    # audit batches seeds.
+    reference = tiny_sdxl(0)(
+        row("sd", 0)["prompt"],
+        num_images_per_prompt=2,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)],
+    ).images
+    for seed, image in enumerate(reference):
+        stored = Image.open(summary.run_dir / row("sd", seed)["image_path"])
+        assert np.array_equal(np.asarray(stored), np.asarray(image))
+        # The first step's energy is measured before any guidance is added.
+        guided = row("biasmap", seed, 100.0)
+        assert guided["softiou_first"] == pytest.approx(row("sd", seed)["softiou_first"], rel=1e-5)
+    html = write_report(summary.run_dir).read_text()
+    assert "model tiny-sdxl (SDXL UNet)" in html
+
+
 def test_a_run_folder_of_another_experiment_is_refused(tmp_path):
     path = write_yaml(tmp_path / "c.yaml", small_config(tmp_path / "run", seeds=[0]))
     run_audit(load_config(path, ["methods=[sd]"]), progress=False)

@@ -53,6 +53,37 @@ def test_tiny_sdxl_is_sdxl_family():
     assert pipe.tokenizer_2.pad_token == "!"
 
 
+def test_tiny_sdxl_layout_is_its_unet_config_and_names_its_blocks():
+    from biasmap.discovery.trace import cross_attention_block_names
+
+    layout, scale = models.unet_layout("tiny-sdxl")
+    config = models.tiny_sdxl(0).unet.config
+    for key, value in layout.items():
+        built = config[key]
+        assert (tuple(built) if isinstance(value, tuple) else built) == value, key
+    assert cross_attention_block_names(layout, 16, 16) == [
+        "down-8",
+        "down-4",
+        "mid-4",
+        "up-4",
+        "up-8",
+    ]
+
+
+def test_model_family_is_read_without_loading_and_agrees_with_the_adapter(tmp_path):
+    from biasmap.mitigation.adapters import adapter_for
+
+    for name, family in (("tiny", "SD1.x/SD2.x UNet"), ("tiny-sdxl", "SDXL UNet")):
+        assert models.model_family(name) == family
+        assert adapter_for(models.load_pipeline(name)).family == family
+    folder = tmp_path / "xl"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    assert models.model_family(str(folder)) == "SDXL UNet"
+    assert models.model_family(str(tmp_path)) is None  # no model_index.json
+    assert models.model_family("nobody/never-downloaded-here") is None
+
+
 def test_sd15_architecture_parameter_counts():
     # The released SD1.5 components have exactly these parameter counts; meta tensors cost nothing.
     with torch.device("meta"):

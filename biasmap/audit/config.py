@@ -48,9 +48,9 @@ PAPER_PROFESSIONS = (
 )
 # Axes the mitigation methods know: negative prompting and Fair Diffusion need per-axis prompts.
 KNOWN_AXES = tuple(NEGATIVE_PROMPTS)
-# The offline pipelines the guided sampler runs (it takes SD1.x/2.x, not SDXL): the planted
-# world's trained model and the random-weight builders.
-OFFLINE_MODELS = (PLANTED, *(name for name in RANDOM_MODELS if name != "tiny-sdxl"))
+# The offline pipelines the guided sampler runs: the planted world's trained model and the
+# random-weight builders (SD1.x/2.x and SDXL).
+OFFLINE_MODELS = (PLANTED, *RANDOM_MODELS)
 DEFAULT_CLASS_PROMPT = "a photo of the face of a {cls} person"
 DType = Literal["fp32", "fp16", "bf16"]
 Preset = Literal["paper", "official"]
@@ -233,11 +233,6 @@ def check_model(value: str, offline: tuple[str, ...] = OFFLINE_MODELS) -> str:
 
     if value in offline:
         return value
-    if value == "tiny-sdxl":
-        raise ValueError(
-            "tiny-sdxl is not supported by the guided sampler (SD1.x/2.x only); "
-            f"use one of {list(offline)}, a local folder or a hub id"
-        )
     expanded = os.path.expanduser(value)
     if os.path.isdir(expanded):
         try:
