@@ -48,9 +48,12 @@ PAPER_PROFESSIONS = (
 )
 # Axes the mitigation methods know: negative prompting and Fair Diffusion need per-axis prompts.
 KNOWN_AXES = tuple(NEGATIVE_PROMPTS)
-# The offline pipelines the guided sampler runs (it takes SD1.x/2.x, not SDXL): the planted
-# world's trained model and the random-weight builders.
-OFFLINE_MODELS = (PLANTED, *(name for name in RANDOM_MODELS if name != "tiny-sdxl"))
+# The offline pipelines the guided sampler runs (it takes SD1.x/2.x, not SDXL or the MM-DiTs):
+# the planted world's trained model and the UNet random-weight builders.
+OFFLINE_MODELS = (
+    PLANTED,
+    *(name for name in RANDOM_MODELS if name not in ("tiny-sdxl", "tiny-sd3", "tiny-flux")),
+)
 DEFAULT_CLASS_PROMPT = "a photo of the face of a {cls} person"
 DType = Literal["fp32", "fp16", "bf16"]
 Preset = Literal["paper", "official"]
