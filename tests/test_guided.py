@@ -486,3 +486,40 @@ def test_guidance_factor_gives_the_same_step_as_eps_guidance(prediction_type):
     ours = other.step(output + lam * guidance_factor(other, t) * grad, t, z_t).prev_sample
     # alphas_cumprod is float32 inside the scheduler, so agreement is to float32 precision.
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_sampler_drives_the_pipeline_through_the_registered_adapter(pipe, monkeypatch):
+    """The loop is family-agnostic: a new adapter registered in ADAPTERS receives every
+    denoiser call, with the CFG rows as Conditioning, and nothing else touches the UNet."""
+    from biasmap.mitigation import adapters
+
+    calls = []
+
+    class RecordingAdapter(adapters.UNetAdapter):
+        def denoise(self, latents, timestep, conditioning):
+            calls.append((latents.shape[0], conditioning.rows, torch.is_grad_enabled()))
+            return super().denoise(latents, timestep, conditioning)
+
+    kwargs = dict(num_inference_steps=2, generator=_gen(1), output_type="latent")
+    expected = guided_generate(pipe, P, A, CONCEPTS, guidance_steps=[1], **kwargs)
+    monkeypatch.setattr(adapters, "ADAPTERS", [RecordingAdapter])
+    kwargs["generator"] = _gen(1)
+    unet_calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: unet_calls.append(1))
+    try:
+        ours = guided_generate(pipe, P, A, CONCEPTS, guidance_steps=[1], **kwargs)
+    finally:
+        hook.remove()
+    assert len(unet_calls) == len(calls)
+    assert torch.equal(ours.images, expected.images)
+    # Step 0 unguided: one CFG batch of 2 rows. Step 1 guided: the unconditional row without
+    # grad, then the conditional row with autograd.
+    assert calls == [(2, 2, False), (1, 1, False), (1, 1, True)]
+
+
+def test_a_pipeline_without_an_adapter_is_rejected_by_name():
+    class NotAPipeline:
+        pass
+
+    with pytest.raises(TypeError, match="supports diffusers StableDiffusionPipeline.*NotAPipeline"):
+        guided_generate(NotAPipeline(), P, A, CONCEPTS, num_inference_steps=1)

@@ -6,23 +6,26 @@
     out.images, out.energies [steps, B], out.grad_norms [steps, B]
     out.maps.iou("gender", "firefighter")  # [B], from the guided run's own maps
 
-Each guided step runs the UNet once over the CFG batch, split in two calls: the
+Each guided step runs the denoiser once over the CFG batch, split in two calls: the
 rows that need no gradient (the other CFG half and any Fair Diffusion edit prompts)
 under no_grad, and the chosen half with autograd from z_t through its queries. The
 capture processors of `biasmap.trace` turn that half's cross-attention into this
 step's concept maps; E = SoftIoU(SoftTopK(M_a), SoftTopK(M_b)) is differentiated
 back to z_t, and eps_final = eps_cfg + lambda * sqrt(1 - alphabar_t) * dE/dz_t goes to
 the scheduler (in the model's own parameterisation for v- and x0-prediction models:
-`guidance_factor`). Steps without guidance run the batched forward exactly as diffusers'
-StableDiffusionPipeline does, so lambda_=0 reproduces its images bit for bit. The maps
-of every step are also summed into the run's AttributionMaps, so the final IoU needs
-no second generation.
+`guidance_factor`). Steps without guidance run the batched forward exactly as the
+diffusers pipeline does, so lambda_=0 reproduces its images bit for bit. The maps of
+every step are also summed into the run's AttributionMaps, so the final IoU needs no
+second generation.
+
+The loop is the same for every model family: encoding prompts into conditioning, the
+denoiser call, the guidance factor and decoding sit behind a DenoiserAdapter
+(biasmap.mitigation.adapters; UNetAdapter serves SD1.x/2.x).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,9 +34,13 @@ import torch
 from .. import ops
 from ..discovery.maps import AGGREGATIONS, AttributionMaps, aggregate_blocks
 from ..discovery.trace import Trace, _selected_steps
+from .adapters import Conditioning, DenoiserAdapter, adapter_for, alphabar, guidance_factor
 from .fair_diffusion import FairDiffusion, SemanticGuidance
 from .memory import retain_freed_memory
 from .presets import PRESETS, GuidanceSettings
+
+# alphabar and guidance_factor live with the UNet adapter; they stay importable from here.
+__all__ = ["GuidedOutput", "alphabar", "guidance_factor", "guided_generate", "step_energy"]
 
 
 @dataclass
@@ -70,53 +77,6 @@ class GuidedOutput:
         return self.maps
 
 
-def alphabar(scheduler, timestep) -> float:
-    """alphabar_t = scheduler.alphas_cumprod[t], linearly interpolated for fractional t.
-
-    Works for every diffusers scheduler built on a DDPM beta schedule (DDIM, PNDM,
-    Euler, DPM-Solver, ...); others raise a ValueError.
-    """
-    table = getattr(scheduler, "alphas_cumprod", None)
-    if table is None:
-        raise ValueError(
-            f"{type(scheduler).__name__} has no alphas_cumprod, which energy guidance needs for "
-            "its sqrt(1 - alphabar_t) scale; use a DDPM-family scheduler (DDIM, PNDM, Euler, "
-            "DPM-Solver, ...)"
-        )
-    t = float(timestep)
-    low = min(max(int(math.floor(t)), 0), len(table) - 1)
-    high = min(low + 1, len(table) - 1)
-    frac = t - low
-    return float(table[low]) * (1 - frac) + float(table[high]) * frac
-
-
-def guidance_factor(scheduler, timestep) -> float:
-    """The factor that turns lambda * dE/dz_t into the model output's own parameterisation.
-
-    Algorithm 1 adds lambda * sqrt(1 - alphabar_t) * dE/dz_t to the noise prediction eps.
-    With z_t fixed, the other parameterisations are affine in eps, so the same step is
-    (a = alphabar_t):
-    - "epsilon": d eps = sqrt(1 - a) * lambda * grad;
-    - "v_prediction": eps = sqrt(1 - a) z_t + sqrt(a) v, so d v = d eps / sqrt(a), and the
-      factor is sqrt(1 - a) / sqrt(a);
-    - "sample": x0 = (z_t - sqrt(1 - a) eps) / sqrt(a), so d x0 = -sqrt(1 - a) / sqrt(a) d eps,
-      and the factor is -(1 - a) / sqrt(a).
-    Each gives the scheduler the same x0 and eps it would get from eps + d eps.
-    """
-    a = alphabar(scheduler, timestep)
-    kind = getattr(scheduler.config, "prediction_type", "epsilon")
-    if kind == "epsilon":
-        return math.sqrt(1.0 - a)
-    if kind == "v_prediction":
-        return math.sqrt(1.0 - a) / math.sqrt(a)
-    if kind == "sample":
-        return -(1.0 - a) / math.sqrt(a)
-    raise ValueError(
-        f"energy guidance supports prediction_type 'epsilon', 'v_prediction' or 'sample', "
-        f"got {kind!r}"
-    )
-
-
 class _StepCapture(Trace):
     """Trace processors driven by the sampler: it sets the rows and the mode of every UNet call."""
 
@@ -136,13 +96,24 @@ class _StepCapture(Trace):
         self._num_steps, self._selected = num_steps, set(range(num_steps))
         self._steps_captured = num_steps
 
-    def call_unet(self, unet, sample, timestep, embeds, *, rows, capture, differentiable=False):
-        """One UNet call; `rows` of its batch are the chosen half's images when `capture`."""
+    def call_denoiser(
+        self,
+        adapter: DenoiserAdapter,
+        latents: torch.Tensor,
+        timestep,
+        conditioning: Conditioning,
+        *,
+        rows: slice,
+        capture: bool,
+        differentiable: bool = False,
+    ) -> torch.Tensor:
+        """adapter.denoise(latents [N, ...], timestep, conditioning [N rows]) -> output [N, ...];
+        `rows` of the batch are the chosen half's images when `capture`."""
         state = self._state
         state.capturing, state.rows, state.differentiable = capture, rows, differentiable
         grad_mode = torch.is_grad_enabled()
         try:
-            return unet(sample, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+            return adapter.denoise(latents, timestep, conditioning)
         finally:
             # The block-targeting cutoff may have switched grad off inside the call.
             torch.set_grad_enabled(grad_mode)
@@ -156,21 +127,34 @@ class _StepCapture(Trace):
         self._state.grad_cutoff = captured[-1] if captured else None
 
     def energy_and_grad(
-        self, unet, scheduler, latents, timestep, embeds, settings, q, cut_graph=True
+        self,
+        adapter: DenoiserAdapter,
+        latents: torch.Tensor,
+        timestep,
+        conditioning: Conditioning,
+        settings: GuidanceSettings,
+        q: float,
+        cut_graph: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(E [B], dE/dz_t, this half's eps) with autograd from z_t through its queries."""
+        """(E [B], dE/dz_t [B, ...], this half's output [B, ...]) for latents z_t [B, ...] and
+        B rows of conditioning, with autograd from z_t through the captured queries."""
         z = latents.detach().requires_grad_(True)
         with torch.enable_grad():
             if cut_graph:
                 self.set_cutoff()
-            sample = scheduler.scale_model_input(z, timestep)
-            eps = self.call_unet(
-                unet, sample, timestep, embeds, rows=slice(None), capture=True, differentiable=True
+            output = self.call_denoiser(
+                adapter,
+                z,
+                timestep,
+                conditioning,
+                rows=slice(None),
+                capture=True,
+                differentiable=True,
             )
             size = self.map_side(settings.guidance_map_size)
             energy = _energy(self.take_step_maps(), 0, 1, size, settings, q)
             (grad,) = torch.autograd.grad(energy.sum(), z)
-        return energy.detach(), grad, eps.detach()
+        return energy.detach(), grad, output.detach()
 
     def map_side(self, preset_side: int | None = None) -> tuple[int, int]:
         """The guidance maps' size: map_size, else the preset's side (S x S), else the
@@ -227,11 +211,11 @@ def _require_finite(energy: torch.Tensor, step: int) -> None:
     if torch.isnan(energy).any():
         raise ValueError(
             f"the guidance energy is NaN at step {step}: the attribution maps contain NaN, so "
-            "the UNet produced NaN (in float16, try float32 or a smaller lambda_)"
+            "the denoiser produced NaN (in float16, try float32 or a smaller lambda_)"
         )
 
 
-def _check_arguments(pipe, lambda_, attribution_prompt, q, preset, num_inference_steps) -> None:
+def _check_arguments(lambda_, q, preset, num_inference_steps) -> None:
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
         raise TypeError(
             f"num_inference_steps must be an int >= 1, got {type(num_inference_steps).__name__}"
@@ -247,38 +231,23 @@ def _check_arguments(pipe, lambda_, attribution_prompt, q, preset, num_inference
         raise ValueError(
             f"preset must be one of {list(PRESETS)} or a GuidanceSettings, got {preset!r}"
         )
-    for component in ("unet", "vae", "scheduler", "encode_prompt", "prepare_latents"):
-        if not hasattr(pipe, component):
-            raise TypeError(
-                f"guided_generate needs a diffusers StableDiffusionPipeline (SD1.x/2.x); "
-                f"{type(pipe).__name__} has no {component!r}"
-            )
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise NotImplementedError(
-            "guided_generate supports SD1.x/2.x pipelines; SDXL's added conditioning is not "
-            "wired into the guided loop yet (biasmap.trace works with SDXL)"
-        )
-    alphabar(pipe.scheduler, 0)
-    limit = pipe.tokenizer.model_max_length
-    length = len(pipe.tokenizer(attribution_prompt).input_ids)
-    if length > limit:
-        raise ValueError(
-            f"the attribution prompt has {length} tokens, more than the text encoder's "
-            f"{limit}; shorten it (it is P plus ' and <concept>')"
-        )
 
 
 def _retaining_freed_memory_on_cpu(function):
-    """Run `function(pipe, ...)` inside retain_freed_memory() when the pipeline's UNet is on CPU.
+    """Run `function(pipe, ...)` inside retain_freed_memory() when the pipeline's denoiser is
+    on CPU.
 
-    Each guided step makes three UNet passes (no-grad half, grad half, backward) against a
-    plain step's one, and on CPU glibc otherwise returns every pass's freed buffers to the
+    Each guided step makes three denoiser passes (no-grad half, grad half, backward) against
+    a plain step's one, and on CPU glibc otherwise returns every pass's freed buffers to the
     system, so each pass page-faults its memory back in (see biasmap.mitigation.memory).
     """
 
     @functools.wraps(function)
     def wrapper(pipe, *args, **kwargs):
-        device = getattr(getattr(pipe, "unet", None), "device", None)
+        denoiser = getattr(pipe, "unet", None)
+        if denoiser is None:
+            denoiser = getattr(pipe, "transformer", None)
+        device = getattr(denoiser, "device", None)
         with retain_freed_memory(enabled=getattr(device, "type", None) == "cpu"):
             return function(pipe, *args, **kwargs)
 
@@ -317,7 +286,8 @@ def guided_generate(
 ) -> GuidedOutput:
     """Generate with BiasMap's energy guidance (Algorithm 1) and record the run's maps.
 
-    pipe: a diffusers StableDiffusionPipeline (SD1.x/2.x), any DDPM-family scheduler.
+    pipe: a diffusers pipeline that biasmap.mitigation.adapters.ADAPTERS serves:
+    StableDiffusionPipeline (SD1.x/2.x), with any DDPM-family scheduler.
     prompt: P (one string or a list: B = len * num_images_per_prompt images).
     attribution_prompt: P', e.g. "A photo of the face of a firefighter and gender".
     concepts: (a, b): the demographic concept a and the semantic concept b of P'.
@@ -335,7 +305,9 @@ def guided_generate(
     guidance_map_size and final_map_size, else the largest attention resolution).
     Returns GuidedOutput: images, energies [steps, B], grad_norms [steps, B], maps.
     """
-    _check_arguments(pipe, lambda_, attribution_prompt, q, preset, num_inference_steps)
+    _check_arguments(lambda_, q, preset, num_inference_steps)
+    adapter = adapter_for(pipe)
+    adapter.check_attribution_prompt(attribution_prompt)
     settings = _resolve_settings(
         preset,
         tau=tau,
@@ -346,8 +318,7 @@ def guided_generate(
         topk_scope=topk_scope,
     )
     fair = FairDiffusion.coerce(editing_prompt)
-    unet, scheduler = pipe.unet, pipe.scheduler
-    device = pipe._execution_device
+    scheduler = pipe.scheduler
     use_cfg = settings.guidance_scale > 1.0
     if settings.cfg_half == "uncond" and not use_cfg:
         raise ValueError(
@@ -356,8 +327,8 @@ def guided_generate(
         )
     if fair is not None and not use_cfg:
         raise ValueError("Fair Diffusion (editing_prompt) needs guidance_scale > 1")
-    height = height or unet.config.sample_size * pipe.vae_scale_factor
-    width = width or unet.config.sample_size * pipe.vae_scale_factor
+    default_height, default_width = adapter.default_size()
+    image_size = (height or default_height, width or default_width)
 
     capture = _StepCapture(
         pipe,
@@ -373,28 +344,16 @@ def guided_generate(
             f"{list(concepts)}"
         )
     with torch.no_grad():
-        prompt_embeds, negative_embeds = pipe.encode_prompt(
-            prompt, device, num_images_per_prompt, use_cfg, negative_prompt
+        cond, uncond = adapter.encode(
+            prompt, num_images_per_prompt, use_cfg, negative_prompt, image_size
         )
-        batch = prompt_embeds.shape[0]
-        edit_embeds = []
-        if fair is not None:
-            for edit in fair.prompts:
-                embeds, _ = pipe.encode_prompt(edit, device, 1, False)
-                edit_embeds.append(embeds.expand(batch, -1, -1))
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = scheduler.timesteps
-        latents = pipe.prepare_latents(
-            batch,
-            unet.config.in_channels,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            generator,
-            latents,
-        )
-        step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
+        batch = cond.rows
+        edits = adapter.encode_edits(fair.prompts, batch, image_size) if fair is not None else []
+        timesteps = adapter.set_timesteps(num_inference_steps, image_size)
+        latents = adapter.prepare_latents(batch, image_size, cond.embeds.dtype, generator, latents)
+        step_kwargs = adapter.step_kwargs(generator)
+    # Diffusers' CFG batch: [unconditional, conditional, edit prompts...].
+    all_rows = Conditioning.cat([uncond, cond, *edits]) if use_cfg else cond
 
     num_steps = len(timesteps)
     guided = _selected_steps(guidance_steps, num_steps) if lambda_ > 0 else set()
@@ -403,11 +362,12 @@ def guided_generate(
     applied = torch.zeros(num_steps, batch, dtype=torch.bool)
     sega = SemanticGuidance(fair) if fair is not None else None
     a, b = 0, 1
-    unet_requires_grad = [p.requires_grad for p in unet.parameters()]
-    unet.requires_grad_(False)  # frozen weights: the backward computes no weight gradients
+    denoiser = adapter.denoiser
+    denoiser_requires_grad = [p.requires_grad for p in denoiser.parameters()]
+    denoiser.requires_grad_(False)  # frozen weights: the backward computes no weight gradients
     try:
         with capture, torch.no_grad():
-            capture.begin(num_steps, tuple(latents.shape[-2:]))
+            capture.begin(num_steps, adapter.latent_grid(latents))
             for step, t in enumerate(timesteps):
                 guide = step in guided
                 rows_uncond, rows_cond = slice(0, batch), slice(batch, 2 * batch)
@@ -417,49 +377,34 @@ def guided_generate(
                 grad = None
                 if not guide:
                     # Exactly diffusers' step: one batched forward over [uncond, cond, edits].
-                    sample = torch.cat([latents] * (2 + len(edit_embeds))) if use_cfg else latents
-                    sample = scheduler.scale_model_input(sample, t)
-                    embeds = (
-                        torch.cat([negative_embeds, prompt_embeds, *edit_embeds])
-                        if use_cfg
-                        else prompt_embeds
-                    )
-                    eps_all = capture.call_unet(
-                        unet, sample, t, embeds, rows=guided_rows, capture=True
+                    copies = all_rows.rows // batch
+                    sample = torch.cat([latents] * copies) if copies > 1 else latents
+                    output_all = capture.call_denoiser(
+                        adapter, sample, t, all_rows, rows=guided_rows, capture=True
                     )
                     step_maps = capture.take_step_maps()
                     step_side = capture.map_side(settings.guidance_map_size)
                     energy = _energy(step_maps, a, b, step_side, settings, q)
                     if use_cfg:
-                        chunks = eps_all.chunk(2 + len(edit_embeds))
-                        eps_uncond, eps_cond, eps_edits = chunks[0], chunks[1], chunks[2:]
+                        chunks = output_all.chunk(copies)
+                        out_uncond, out_cond, out_edits = chunks[0], chunks[1], chunks[2:]
                     else:
-                        eps_cond = eps_all
+                        out_cond = output_all
                 else:
-                    eps_uncond, eps_cond, eps_edits, energy, grad = _guided_forward(
-                        capture,
-                        unet,
-                        scheduler,
-                        latents,
-                        t,
-                        settings,
-                        q,
-                        use_cfg,
-                        prompt_embeds,
-                        negative_embeds,
-                        edit_embeds,
+                    out_uncond, out_cond, out_edits, energy, grad = _guided_forward(
+                        capture, adapter, latents, t, settings, q, cond, uncond, edits
                     )
                 energies[step] = energy.detach().float().cpu()
                 _require_finite(energies[step], step)
                 if use_cfg:
-                    guidance = settings.guidance_scale * (eps_cond - eps_uncond)
+                    guidance = settings.guidance_scale * (out_cond - out_uncond)
                     if sega is not None:
-                        edit = sega(step, eps_uncond, eps_edits)
+                        edit = sega(step, out_uncond, out_edits)
                         if edit is not None:
                             guidance = guidance + edit
-                    eps = eps_uncond + guidance
+                    output = out_uncond + guidance
                 else:
-                    eps = eps_cond
+                    output = out_cond
                 if grad is not None:
                     norms = grad.flatten(1).norm(dim=1).float()
                     grad_norms[step] = norms.cpu()
@@ -467,20 +412,20 @@ def guided_generate(
                     if settings.grad_norm_gate is not None:
                         use = norms < settings.grad_norm_gate
                     applied[step] = use.cpu()
-                    scale = lambda_ * guidance_factor(scheduler, t)
+                    scale = lambda_ * adapter.guidance_factor(t)
                     gate = use.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
-                    eps = eps + scale * gate * grad.to(eps.dtype)
-                latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+                    output = output + scale * gate * grad.to(output.dtype)
+                latents = scheduler.step(output, t, latents, **step_kwargs, return_dict=False)[0]
             maps = None
             if return_maps:
                 final_size = None  # map_size, else the largest attention resolution
                 if settings.final_map_size == "image" and map_size is None:
-                    final_size = (height, width)
+                    final_size = image_size
                 maps = capture.maps(final_size, settings.aggregation)
     finally:
-        for parameter, flag in zip(unet.parameters(), unet_requires_grad, strict=True):
+        for parameter, flag in zip(denoiser.parameters(), denoiser_requires_grad, strict=True):
             parameter.requires_grad_(flag)
-    images = _decode(pipe, latents, generator, output_type, prompt_embeds.dtype, device)
+    images = adapter.decode(latents, generator, output_type)
     return GuidedOutput(
         images, energies, grad_norms, applied, maps, settings, tuple(capture.concepts), q
     )
@@ -503,7 +448,7 @@ def step_energy(
     pipe,
     latents: torch.Tensor,
     timestep,
-    prompt_embeds: torch.Tensor,
+    conditioning: torch.Tensor | Conditioning,
     attribution_prompt: str,
     concepts: Sequence[str],
     *,
@@ -513,74 +458,58 @@ def step_energy(
     preset: str | GuidanceSettings = "paper",
     cut_graph: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """E(z_t) and dE/dz_t for one UNet call: ([B], [B, C, h, w]).
+    """E(z_t) and dE/dz_t for one denoiser call: ([B], [B, C, h, w]).
 
-    latents: z_t [B, C, h, w]; prompt_embeds: the guided half's text states [B, L, D]
-    (P's for cfg_half="cond", the negative prompt's for "uncond"). This is the quantity
-    `guided_generate` differentiates at every guided step (for analysis and tests).
-    cut_graph=False records the graph through the whole UNet instead of stopping after
-    the last targeted layer (same gradient, more work).
+    latents: z_t [B, C, h, w]; conditioning: the guided half's conditioning for B rows (P's
+    for cfg_half="cond", the negative prompt's for "uncond"): a Conditioning from
+    `adapter_for(pipe).encode(...)`, or for SD1.x/2.x just its text states [B, L, D]. This is
+    the quantity `guided_generate` differentiates at every guided step (for analysis and
+    tests). cut_graph=False records the graph through the whole denoiser instead of stopping
+    after the last targeted layer (same gradient, more work).
     """
     settings = _resolve_settings(preset)
+    adapter = adapter_for(pipe)
+    if isinstance(conditioning, torch.Tensor):
+        conditioning = Conditioning(conditioning)
     capture = _StepCapture(
         pipe, attribution_prompt, concepts, cfg_half="cond", blocks=blocks, map_size=map_size
     )
     with capture, torch.no_grad():
-        capture.begin(1, tuple(latents.shape[-2:]))
+        capture.begin(1, adapter.latent_grid(latents))
         energy, grad, _ = capture.energy_and_grad(
-            pipe.unet, pipe.scheduler, latents, timestep, prompt_embeds, settings, q, cut_graph
+            adapter, latents, timestep, conditioning, settings, q, cut_graph
         )
     _require_finite(energy, 0)
     return energy, grad
 
 
-def _guided_forward(
-    capture,
-    unet,
-    scheduler,
-    latents,
-    t,
-    settings,
-    q,
-    use_cfg,
-    prompt_embeds,
-    negative_embeds,
-    edit_embeds,
-):
-    """One guided step's UNet work: (eps_uncond, eps_cond, eps_edits, energy [B], dE/dz_t)."""
-    guided_embeds = prompt_embeds if settings.cfg_half == "cond" else negative_embeds
+def _guided_forward(capture, adapter, latents, t, settings, q, cond, uncond, edits):
+    """One guided step's denoiser work: (out_uncond, out_cond, out_edits, energy [B], dE/dz_t).
+
+    cond, uncond (None without CFG), edits: Conditioning of B rows each. The chosen CFG half
+    runs with autograd; the other half and the edit rows run in one no-grad call.
+    """
+    use_cfg = uncond is not None
+    guided = cond if settings.cfg_half == "cond" else uncond
     other = []
     if use_cfg:
-        other = [negative_embeds] if settings.cfg_half == "cond" else [prompt_embeds]
-    other += list(edit_embeds)
-    eps_other = []
+        other = [uncond] if settings.cfg_half == "cond" else [cond]
+    other += list(edits)
+    out_other = []
     if other:
-        sample = scheduler.scale_model_input(torch.cat([latents] * len(other)), t)
-        eps_other = capture.call_unet(
-            unet, sample, t, torch.cat(other), rows=slice(0, 0), capture=False
+        out_other = capture.call_denoiser(
+            adapter,
+            torch.cat([latents] * len(other)),
+            t,
+            Conditioning.cat(other),
+            rows=slice(0, 0),
+            capture=False,
         ).chunk(len(other))
-    energy, grad, eps_guided = capture.energy_and_grad(
-        unet, scheduler, latents, t, guided_embeds, settings, q
-    )
+    energy, grad, out_guided = capture.energy_and_grad(adapter, latents, t, guided, settings, q)
     if not use_cfg:
-        return None, eps_guided, [], energy, grad
+        return None, out_guided, [], energy, grad
     if settings.cfg_half == "cond":
-        eps_uncond, eps_cond = eps_other[0], eps_guided
+        out_uncond, out_cond = out_other[0], out_guided
     else:
-        eps_uncond, eps_cond = eps_guided, eps_other[0]
-    return eps_uncond, eps_cond, list(eps_other[1:]), energy, grad
-
-
-def _decode(pipe, latents, generator, output_type, dtype, device):
-    """Latents -> images the way StableDiffusionPipeline finishes (safety checker included)."""
-    with torch.no_grad():
-        if output_type == "latent":
-            return latents
-        image = pipe.vae.decode(
-            latents / pipe.vae.config.scaling_factor, return_dict=False, generator=generator
-        )[0]
-        image, nsfw = pipe.run_safety_checker(image, device, dtype)
-        denormalize = [True] * image.shape[0] if nsfw is None else [not flag for flag in nsfw]
-        return pipe.image_processor.postprocess(
-            image, output_type=output_type, do_denormalize=denormalize
-        )
+        out_uncond, out_cond = out_guided, out_other[0]
+    return out_uncond, out_cond, list(out_other[1:]), energy, grad
