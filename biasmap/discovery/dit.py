@@ -323,7 +323,6 @@ class DiTTrace:
         self._armed: DiTBlock | None = None
         self._projections: dict[str, torch.Tensor] = {}
         self._block_inputs: dict = {}
-        self._segment_range = (0, 0)
 
     def _encode_attribution_prompt(self, text_length: int) -> torch.Tensor:
         """P''s encoder states [1, L, joint_dim], encoded as the pipeline encodes prompts,
@@ -370,6 +369,7 @@ class DiTTrace:
 
     def _start_generation(self, hidden, text, arguments) -> None:
         self._reset_generation()
+        self._state = None
         batch = hidden.shape[0]
         self._shape = (tuple(hidden.shape), tuple(text.shape))
         if self.family == "sd3":
@@ -386,12 +386,23 @@ class DiTTrace:
                     "cfg_half='uncond' needs classifier-free guidance (guidance_scale > 1), but "
                     "this generation runs without it; use cfg_half='cond'"
                 )
-            patch = int(self.pipe.transformer.config.patch_size)
-            self._grid = (hidden.shape[-2] // patch, hidden.shape[-1] // patch)
         else:
             # Flux's true CFG calls the transformer a second time per step, with the negative
             # prompt: that call is the unconditional "half".
             self._wanted_call = 0 if self.cfg_half == "cond" else 1
+        self._configure_layout(hidden, text, arguments)
+        self._num_steps = int(
+            getattr(self.pipe, "_num_timesteps", 0) or len(self.pipe.scheduler.timesteps)
+        )
+        self._selected = _selected_steps(self.timesteps, self._num_steps)
+
+    def _configure_layout(self, hidden, text, arguments) -> None:
+        """Grid, concept positions and softmax domain for this call's shapes, into the
+        capture state (created here on a generation's first call)."""
+        if self.family == "sd3":
+            patch = int(self.pipe.transformer.config.patch_size)
+            self._grid = (hidden.shape[-2] // patch, hidden.shape[-1] // patch)
+        else:
             image_ids = arguments.get("img_ids")
             if image_ids is None:
                 raise RuntimeError("the Flux transformer was called without img_ids")
@@ -408,7 +419,6 @@ class DiTTrace:
             self._tokenizer, self.attribution_prompt, self.concepts, max_length=length
         )
         self.tokens = tokens
-        self._segment_range = (start, start + tokens.num_real_tokens)
         device = hidden.device
         token_index = tokens.token_index(device) + start
         key_mask = None
@@ -418,18 +428,20 @@ class DiTTrace:
         mean_matrix = None
         if any(len(p) > 1 for p in tokens.positions):
             mean_matrix = tokens.mean_matrix(device=device)
-        self._state = CaptureState(
-            token_index=token_index,
-            mean_matrix=mean_matrix,
-            key_mask=key_mask,
-            text_states=text.new_zeros(0),
-            capture_blocks=set(self._selected_names),
-            block_sizes={block.name: self._grid for block in self._blocks},
-        )
-        self._num_steps = int(
-            getattr(self.pipe, "_num_timesteps", 0) or len(self.pipe.scheduler.timesteps)
-        )
-        self._selected = _selected_steps(self.timesteps, self._num_steps)
+        block_sizes = {block.name: self._grid for block in self._blocks}
+        if self._state is None:
+            self._state = CaptureState(
+                token_index=token_index,
+                mean_matrix=mean_matrix,
+                key_mask=key_mask,
+                text_states=text.new_zeros(0),
+                capture_blocks=set(self._selected_names),
+                block_sizes=block_sizes,
+            )
+        else:
+            state = self._state
+            state.token_index, state.mean_matrix = token_index, mean_matrix
+            state.key_mask, state.block_sizes = key_mask, block_sizes
 
     def _choose_mode(self, text_rows: torch.Tensor) -> None:
         """In-prompt or side stream for this generation (see the module docstring)."""
@@ -538,7 +550,10 @@ class DiTTrace:
             x = projections[name][rows]
             return x[:, text_length:] if block.single else x
 
-        with torch.no_grad():
+        # Guided sampling differentiates E(z_t) exactly: the keys depend on z_t too (the
+        # text stream, and the side stream, attend to the image in every earlier block).
+        grad = contextlib.nullcontext() if state.differentiable else torch.no_grad()
+        with grad:
             image_keys = _rotate(
                 _normed(attn.norm_k, _heads(image_part("to_k"), attn.heads)), rotary, image_rows
             )
@@ -547,12 +562,10 @@ class DiTTrace:
                 side_keys = self._advance_side(block, module, image_keys, image_part, inputs)
         if block.name not in state.capture_blocks:
             return
-        grad = contextlib.nullcontext() if state.differentiable else torch.no_grad()
         with grad:
             queries = _rotate(
                 _normed(attn.norm_q, _heads(image_part("to_q"), attn.heads)), rotary, image_rows
             ).flatten(2)
-        with torch.no_grad():
             if side_keys is not None:
                 text_keys = side_keys
             elif block.single:
@@ -575,7 +588,6 @@ class DiTTrace:
                 token_index = token_index + image_keys.shape[1]
                 key_mask = None
             text_keys = text_keys.flatten(2).to(queries.dtype)
-        with grad:
             columns = ops.attention_slice(
                 queries,
                 text_keys,
@@ -589,6 +601,10 @@ class DiTTrace:
             if state.mean_matrix is not None:
                 columns = torch.einsum("ct,btn->bcn", state.mean_matrix.to(columns), columns)
             state.add(block.name, columns)
+        if state.differentiable and block.name == self._selected_names[-1]:
+            # No later block feeds the energy: the rest of the call records no graph (the
+            # caller restores grad mode afterwards).
+            torch.set_grad_enabled(False)
 
     def _advance_side(self, block, module, image_keys, image_part, inputs) -> torch.Tensor:
         """This block's keys of the side stream [R, L, H, d]; moves the stream past the block.

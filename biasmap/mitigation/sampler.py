@@ -287,7 +287,10 @@ def guided_generate(
     """Generate with BiasMap's energy guidance (Algorithm 1) and record the run's maps.
 
     pipe: a diffusers pipeline that biasmap.mitigation.adapters.ADAPTERS serves:
-    StableDiffusionPipeline (SD1.x/2.x), with any DDPM-family scheduler.
+    StableDiffusionPipeline (SD1.x/2.x), with any DDPM-family scheduler;
+    StableDiffusion3Pipeline and FluxPipeline with their flow-matching Euler scheduler
+    (biasmap.mitigation.dit_adapter: the guidance term in velocity form; on Flux
+    guidance_scale is the guidance embedding's value, default 3.5, and there is no CFG).
     prompt: P (one string or a list: B = len * num_images_per_prompt images).
     attribution_prompt: P', e.g. "A photo of the face of a firefighter and gender".
     concepts: (a, b): the demographic concept a and the semantic concept b of P'.
@@ -308,6 +311,8 @@ def guided_generate(
     _check_arguments(lambda_, q, preset, num_inference_steps)
     adapter = adapter_for(pipe)
     adapter.check_attribution_prompt(attribution_prompt)
+    if guidance_scale is None and hasattr(adapter, "default_guidance_scale"):
+        guidance_scale = adapter.default_guidance_scale()  # Flux: its guidance embedding's
     settings = _resolve_settings(
         preset,
         tau=tau,
@@ -320,6 +325,8 @@ def guided_generate(
     fair = FairDiffusion.coerce(editing_prompt)
     scheduler = pipe.scheduler
     use_cfg = settings.guidance_scale > 1.0
+    if hasattr(adapter, "uses_cfg"):  # Flux: guidance_scale feeds its embedding, no CFG batch
+        use_cfg = adapter.uses_cfg(settings.guidance_scale)
     if settings.cfg_half == "uncond" and not use_cfg:
         raise ValueError(
             "cfg_half='uncond' needs classifier-free guidance (guidance_scale > 1); there is no "
@@ -330,7 +337,7 @@ def guided_generate(
     default_height, default_width = adapter.default_size()
     image_size = (height or default_height, width or default_width)
 
-    capture = _StepCapture(
+    capture = getattr(adapter, "step_capture_class", _StepCapture)(
         pipe,
         attribution_prompt,
         concepts,
@@ -471,7 +478,7 @@ def step_energy(
     adapter = adapter_for(pipe)
     if isinstance(conditioning, torch.Tensor):
         conditioning = Conditioning(conditioning)
-    capture = _StepCapture(
+    capture = getattr(adapter, "step_capture_class", _StepCapture)(
         pipe, attribution_prompt, concepts, cfg_half="cond", blocks=blocks, map_size=map_size
     )
     with capture, torch.no_grad():
