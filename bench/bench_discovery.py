@@ -2,6 +2,8 @@
 
 Cases (DESIGN.md section 3 explains the sizes):
   tiny      tiny_sd, 16x16 latent (128 px), 5 steps, CPU fp32
+  tiny-sd3, tiny-flux  the tiny MM-DiTs, 8x8 latent (64 px), 5 steps, CPU fp32 (for Flux,
+            guidance_scale is its guidance embedding; it has no CFG batch)
   sd15-cpu  the full SD1.5 architecture, random weights, 32x32 latent (256 px), 2 steps, CPU fp32
   sd15-gpu  the same at a 64x64 latent (512 px), fp16, on CUDA (only when a GPU is present)
 
@@ -48,6 +50,23 @@ RESULTS = Path(__file__).resolve().parent / "results" / "discovery.csv"
 CASES = {
     # name: (builder, latent side, steps, dtype, device, default repeats)
     "tiny": (lambda dtype, device: models.tiny_sd(0).to(device), 16, 5, torch.float32, "cpu", 9),
+    # MM-DiTs: 8x8 latent (64 px, a 4x4 token grid), T5 stream at the pipelines' default length.
+    "tiny-sd3": (
+        lambda dtype, device: models.tiny_sd3(0).to(device),
+        8,
+        5,
+        torch.float32,
+        "cpu",
+        9,
+    ),
+    "tiny-flux": (
+        lambda dtype, device: models.tiny_flux(0).to(device),
+        8,
+        5,
+        torch.float32,
+        "cpu",
+        9,
+    ),
     "sd15-cpu": (
         lambda dtype, device: models.random_sd15(0, dtype=dtype, device=device),
         32,

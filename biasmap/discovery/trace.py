@@ -232,7 +232,8 @@ class Trace:
         for component in ("unet", "tokenizer", "encode_prompt"):
             if not hasattr(pipe, component):
                 raise TypeError(
-                    f"biasmap.trace needs a diffusers Stable Diffusion (1.x, 2.x or XL) pipeline; "
+                    f"biasmap.trace needs a diffusers Stable Diffusion (1.x, 2.x, XL, 3) or Flux "
+                    "pipeline; "
                     f"{type(pipe).__name__} has no {component!r}"
                 )
         _check_timesteps(timesteps)
@@ -500,10 +501,13 @@ def trace(
     blocks: str | Sequence[str] = "default",
     map_size: int | tuple[int, int] | None = None,
     timesteps=None,
-) -> Trace:
+    text_stream: str = "auto",
+    keys: str = "auto",
+):
     """Capture concept attribution maps while `pipe` generates inside a `with` block.
 
-    pipe: a diffusers StableDiffusionPipeline (SD1.x, SD2.x) or StableDiffusionXLPipeline.
+    pipe: a diffusers StableDiffusionPipeline (SD1.x, SD2.x), StableDiffusionXLPipeline,
+    StableDiffusion3Pipeline (SD3, SD3.5) or FluxPipeline (Flux.1).
     attribution_prompt: P', e.g. "A photo of the face of a firefighter and gender"; its
     keys K'_i = to_k_i(text_encoder(P')) are computed once per cross-attention layer.
     concepts: words or phrases of P' (C of them); a multi-token concept is the mean of its
@@ -526,8 +530,38 @@ def trace(
     `.aggregate`. Memory: at most blocks x C x S_h x S_w floats per image, for any number
     of steps. The images are bit-identical to an untraced run.
 
+    MM-DiT pipelines (SD3/SD3.5, Flux.1) get a `biasmap.discovery.dit.DiTTrace` with the
+    same API; its docstring gives the exact semantics (blocks `joint-i` / `single-i`,
+    in-prompt keys or a side stream for P', the text stream's tokenizer). For them
+    softmax_over also takes "joint" (the model's joint softmax, sliced), and:
+    text_stream: "auto" (T5 when the pipeline has a T5 encoder, else CLIP), "t5" or "clip"
+    (SD3 only): whose positions the keys hold and whose tokenizer finds the concepts.
+    keys: "auto" (in-prompt when P' encodes to the generation's text, else side stream),
+    "in-prompt" or "side-stream". UNet pipelines accept only "auto" for both.
+
     Returns a context manager; use `with biasmap.trace(...) as tr: pipe(...)`, then `tr.maps()`.
     """
+    from .dit import DiTTrace, mmdit_family
+
+    if mmdit_family(pipe) is not None:
+        return DiTTrace(
+            pipe,
+            attribution_prompt,
+            concepts,
+            cfg_half=cfg_half,
+            softmax_over=softmax_over,
+            blocks=blocks,
+            map_size=map_size,
+            timesteps=timesteps,
+            text_stream=text_stream,
+            keys=keys,
+        )
+    for name, value in (("text_stream", text_stream), ("keys", keys)):
+        if value != "auto":
+            raise ValueError(
+                f"{name}={value!r} applies to MM-DiT pipelines (SD3, Flux) only; a UNet "
+                f"pipeline's keys come from its one text encoder: leave {name}='auto'"
+            )
     return Trace(
         pipe,
         attribution_prompt,

@@ -78,9 +78,20 @@ class DenoiserAdapter:
 
     #: the pipeline classes this adapter serves, for error messages ("StableDiffusionPipeline")
     pipeline_names: tuple[str, ...] = ()
+    # The sampler's per-step map capture for this family; None: the UNet one
+    # (sampler._StepCapture), which this module cannot import without a cycle.
+    step_capture_class: type | None = None
 
     def __init__(self, pipe):
         self.pipe = pipe
+
+    def default_guidance_scale(self) -> float | None:
+        """The guidance_scale used when the caller gives none; None keeps the preset's."""
+        return None
+
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        """Whether the guided loop batches an unconditional half (classifier-free guidance)."""
+        return guidance_scale > 1.0
 
     @classmethod
     def supports(cls, pipe) -> bool:

@@ -288,7 +288,10 @@ def guided_generate(
 
     pipe: a diffusers pipeline that biasmap.mitigation.adapters.ADAPTERS serves:
     StableDiffusionPipeline (SD1.x/2.x) or StableDiffusionXLPipeline (SDXL: both text
-    encoders, pooled embeddings and time ids), with any DDPM-family scheduler.
+    encoders, pooled embeddings and time ids), with any DDPM-family scheduler;
+    StableDiffusion3Pipeline and FluxPipeline with their flow-matching Euler scheduler
+    (biasmap.mitigation.dit_adapter: the guidance term in velocity form; on Flux
+    guidance_scale is the guidance embedding's value, default 3.5, and there is no CFG).
     prompt: P (one string or a list: B = len * num_images_per_prompt images).
     attribution_prompt: P', e.g. "A photo of the face of a firefighter and gender"; its keys
     come from the pipeline's own text encoding (SDXL: both encoders' states, concatenated).
@@ -310,6 +313,8 @@ def guided_generate(
     _check_arguments(lambda_, q, preset, num_inference_steps)
     adapter = adapter_for(pipe)
     adapter.check_attribution_prompt(attribution_prompt)
+    if guidance_scale is None:
+        guidance_scale = adapter.default_guidance_scale()  # Flux: its guidance embedding's
     settings = _resolve_settings(
         preset,
         tau=tau,
@@ -321,7 +326,7 @@ def guided_generate(
     )
     fair = FairDiffusion.coerce(editing_prompt)
     scheduler = pipe.scheduler
-    use_cfg = settings.guidance_scale > 1.0
+    use_cfg = adapter.uses_cfg(settings.guidance_scale)  # Flux: never, its scale is embedded
     if settings.cfg_half == "uncond" and not use_cfg:
         raise ValueError(
             "cfg_half='uncond' needs classifier-free guidance (guidance_scale > 1); there is no "
@@ -332,7 +337,7 @@ def guided_generate(
     default_height, default_width = adapter.default_size()
     image_size = (height or default_height, width or default_width)
 
-    capture = _StepCapture(
+    capture = (adapter.step_capture_class or _StepCapture)(
         pipe,
         attribution_prompt,
         concepts,
@@ -473,7 +478,7 @@ def step_energy(
     adapter = adapter_for(pipe)
     if isinstance(conditioning, torch.Tensor):
         conditioning = Conditioning(conditioning)
-    capture = _StepCapture(
+    capture = (adapter.step_capture_class or _StepCapture)(
         pipe, attribution_prompt, concepts, cfg_half="cond", blocks=blocks, map_size=map_size
     )
     with capture, torch.no_grad():
