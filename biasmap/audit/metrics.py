@@ -57,7 +57,9 @@ class StoreRows:
         return self.table.num_rows
 
 
-def read_store(run_dir: str | Path, *, config_hash: str | None = None) -> StoreRows:
+def read_store(
+    run_dir: str | Path, *, config_hash: str | None = None, with_maps: bool = False
+) -> StoreRows:
     """Read `RUN_DIR/parts/*.parquet` into one table with one row per image.
 
     The parts are read and validated by `biasmap.audit.store.ResultsStore`: one that cannot be
@@ -68,7 +70,8 @@ def read_store(run_dir: str | Path, *, config_hash: str | None = None) -> StoreR
     config_hash, keeping the newest (`created_at`): when a store holds rows of several config
     hashes (the config changed between runs into the same folder), each image slot is counted
     once, with its newest result, and `config_hashes` reports the mix. Pass `config_hash` to
-    keep only that hash's rows.
+    keep only that hash's rows. with_maps: also read the stored attribution maps (the `maps`
+    column is null otherwise, and in rows of runs made before maps were stored).
 
     Raises FileNotFoundError when RUN_DIR/parts does not exist and ValueError when no part
     file could be read or no row matches `config_hash`.
@@ -81,7 +84,7 @@ def read_store(run_dir: str | Path, *, config_hash: str | None = None) -> StoreR
             f"{store.parts_dir} does not exist: RUN_DIR must be an audit output folder holding "
             "parts/*.parquet (written by `biasmap audit`)"
         )
-    parts, problems = store.scan()
+    parts, problems = store.scan(with_maps)
     skipped = [(problem.path.name, problem.reason.splitlines()[0]) for problem in problems]
     if not parts:
         detail = f"; unreadable: {skipped}" if skipped else ""

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import torch
 
+from . import stored_maps
 from .config import HASHED_FIELDS, AuditConfig
 from .lock import RunLock
 from .schema import KEY_COLUMNS
@@ -280,9 +281,16 @@ class BatchGenerator:
             height=config.image_size,
             width=config.image_size,
         )
-        iou = output.iou().tolist()
-        biou = {name: values.tolist() for name, values in output.biou().items()}
-        blocks = [name for name in biou if name != "mean"]
+        # The metrics are measured on the float16 maps the row stores, so that re-thresholding
+        # them later (biasmap report --q) reproduces a fresh run exactly.
+        attribution = output.maps
+        blocks = attribution.block_names
+        packed = stored_maps.pack(attribution.aggregate, [attribution.blocks[b] for b in blocks])
+        inclusive = bool(output.settings.inclusive_masks)
+        measured = stored_maps.threshold_metrics(packed, config.q, inclusive)
+        iou = measured.iou.tolist()
+        biou_values = measured.biou.tolist()
+        biou_mean = measured.biou_mean.tolist()
         energies = output.energies.double()  # [steps, B]
         axis = config.axes[batch[0].axis]
         probs = None
@@ -312,8 +320,8 @@ class BatchGenerator:
                 "q": config.q,
                 "iou": float(iou[index]),
                 "biou_blocks": blocks,
-                "biou_values": [float(biou[name][index]) for name in blocks],
-                "biou_mean": float(biou["mean"][index]),
+                "biou_values": [float(value) for value in biou_values[index]],
+                "biou_mean": float(biou_mean[index]),
                 "softiou_first": float(trajectory[0]),
                 "softiou_last": float(trajectory[-1]),
                 "softiou_mean": float(trajectory.mean()),
@@ -328,6 +336,10 @@ class BatchGenerator:
                 "worker": self.worker,
                 "versions": self.versions,
                 "created_at": created,
+                "maps_concepts": list(attribution.concepts) if config.store_maps else None,
+                "maps_shape": list(packed.shape[1:]) if config.store_maps else None,
+                "maps": stored_maps.encode(packed[index]) if config.store_maps else None,
+                "masks_inclusive": inclusive if config.store_maps else None,
             }
             results.append(ImageResult(row, buffer.getvalue()))
         return results
