@@ -513,6 +513,9 @@ interval.</p>
 {% else %}<p class="note">No method was run at two or more λ values, so there is no sweep.</p>
 {% endif %}
 
+{% if intersection_tables %}<h2>Intersectional axes</h2>
+{% for table in intersection_tables %}{{ render(table) }}{% endfor %}{% endif %}
+
 <h2>FID</h2>
 {{ render(fid_table) }}
 
@@ -654,6 +657,7 @@ def write_report(
     lambda_tables = audit_metrics.lambda_tables(per_profession, pooled, fid.values, fid_note)
     fid_table = _fid_table(fid)
     block_tables = _block_tables(per_profession, pooled)
+    intersection_tables = audit_metrics.intersection_tables(rows)
     models = sorted({m for m in rows.column("model").to_pylist() if m})
     ground_truth = None
     if PLANTED in models:
@@ -668,6 +672,7 @@ def write_report(
         *lambda_tables,
         fid_table,
         *block_tables,
+        *intersection_tables,
         *extra,
     ]:
         table.write_csv(report_dir / "tables" / f"{table.id}.csv")
@@ -783,6 +788,7 @@ def write_report(
         lambda_figures=lambda_figures,
         examples=_examples(rows, run_dir, report_dir),
         rethreshold_note=rethreshold_note,
+        intersection_tables=intersection_tables,
         threshold_figure=threshold_figure,
         threshold_table=threshold_table,
         threshold_note=threshold_note,

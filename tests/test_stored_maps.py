@@ -20,7 +20,7 @@ from typer.testing import CliRunner  # noqa: E402
 from biasmap.audit import stored_maps  # noqa: E402
 from biasmap.audit.config import load_config  # noqa: E402
 from biasmap.audit.runner import run_audit  # noqa: E402
-from biasmap.audit.schema import KEY_COLUMNS, MAP_FIELDS, SCHEMA  # noqa: E402
+from biasmap.audit.schema import KEY_COLUMNS, ADDED_FIELDS, SCHEMA  # noqa: E402
 from biasmap.audit.store import ResultsStore  # noqa: E402
 from biasmap.cli import app  # noqa: E402
 from biasmap.report import write_report  # noqa: E402
@@ -166,8 +166,8 @@ def test_threshold_analysis_is_a_chart_and_a_csv(runs):
 
 
 def test_a_run_without_maps_still_reports_and_refuses_q_in_one_line(tmp_path):
-    # A run written before maps were stored: its parts have the schema without MAP_FIELDS.
-    legacy_schema = pa.schema([f for f in SCHEMA if f.name not in MAP_FIELDS])
+    # A run written before maps were stored: its parts have the schema without ADDED_FIELDS.
+    legacy_schema = pa.schema([f for f in SCHEMA if f.name not in ADDED_FIELDS])
     rows = [{k: v for k, v in row.items() if k in legacy_schema.names} for row in fixture_rows()]
     folder = tmp_path / "old" / "parts"
     folder.mkdir(parents=True)

@@ -3,7 +3,7 @@
 The audit runner writes these rows (biasmap.audit.store) and the metrics, FID and report
 read them; this module is the contract between the two sides.
 
-Parts written before the attribution maps were stored lack the trailing MAP_FIELDS; readers
+Parts written before the attribution maps were stored lack the trailing ADDED_FIELDS; readers
 accept them (`is_legacy_schema`) and see those columns as null (`upgrade`), so an old run still
 reports, and only re-thresholding, which needs the maps, refuses it.
 """
@@ -60,11 +60,15 @@ SCHEMA = pa.schema(
         pa.field("maps_shape", pa.list_(pa.int64())),  # [1 + blocks, concepts, S_h, S_w]
         pa.field("maps", pa.binary()),
         pa.field("masks_inclusive", pa.bool_()),  # masks are map >= quantile (False: >)
+        # IoU of each demographic concept's own mask with the profession's, on the aggregate,
+        # in maps_concepts' order. `iou` is the profession against the intersection (AND) of
+        # the demographic masks: with one concept, the same number as concept_ious[0].
+        pa.field("concept_ious", pa.list_(pa.float64())),
     ]
 )
 
 # Columns added after the first released schema, in order; a part may lack a trailing run of them.
-MAP_FIELDS = ("maps_concepts", "maps_shape", "maps", "masks_inclusive")
+ADDED_FIELDS = ("maps_concepts", "maps_shape", "maps", "masks_inclusive", "concept_ious")
 # The bulky column, left out of reads that only need keys and metrics.
 MAPS_COLUMN = "maps"
 
@@ -73,7 +77,7 @@ def is_legacy_schema(schema: pa.Schema) -> bool:
     """Whether `schema` is SCHEMA without some trailing added fields (a part written by an
     older biasmap), so that `upgrade` can complete it."""
     names = schema.names
-    base = len(SCHEMA) - len(MAP_FIELDS)
+    base = len(SCHEMA) - len(ADDED_FIELDS)
     return base <= len(names) < len(SCHEMA) and schema.equals(
         pa.schema(list(SCHEMA)[: len(names)]), check_metadata=False
     )

@@ -149,7 +149,18 @@ def validate_rows(table: pa.Table) -> None:
 
 
 def _validate_maps(table: pa.Table) -> None:
-    """Stored maps agree with their shape, concepts and blocks (rows without maps pass)."""
+    """Stored maps agree with their shape, concepts and blocks, and concept_ious has one IoU
+    per demographic concept (rows without maps pass)."""
+    for concepts, pairwise in zip(
+        table.column("maps_concepts").to_pylist(),
+        table.column("concept_ious").to_pylist(),
+        strict=True,
+    ):
+        if concepts is not None and pairwise is not None and len(pairwise) != len(concepts) - 1:
+            raise InvalidRowsError(
+                f"concept_ious has {len(pairwise)} value(s) for the {len(concepts) - 1} "
+                f"demographic concept(s) of {concepts}"
+            )
     if table.column(MAPS_COLUMN).null_count == table.num_rows:
         return
     columns = ("maps", "maps_shape", "maps_concepts", "biou_blocks")

@@ -170,13 +170,13 @@ class StoredMaps:
 
 
 def rethresholded(table, q: float, stored: StoredMaps | None = None):
-    """`table` (store rows with maps) with iou, biou_values and biou_mean measured at q from
-    the stored maps; every other column as it was. Raises MissingMapsError."""
+    """`table` (store rows with maps) with iou, biou_values, biou_mean and concept_ious
+    measured at q from the stored maps; every other column as it was. Raises MissingMapsError."""
     import pyarrow as pa
 
     stored = stored or StoredMaps(table)
     measured = stored.metrics(q)
-    for name in ("iou", "biou_values", "biou_mean"):
+    for name in ("iou", "biou_values", "biou_mean", "concept_ious"):
         position = table.schema.get_field_index(name)
         field = table.schema.field(name)
         table = table.set_column(position, field, pa.array(measured[name], type=field.type))
