@@ -49,6 +49,11 @@ METRIC_COLUMNS = (
     "prompt",
     "attribution_prompt",
     "image_path",
+    # the stored attribution maps (float16 bytes), which resume must keep with their rows
+    "maps",
+    "maps_shape",
+    "maps_concepts",
+    "masks_inclusive",
 )
 
 
@@ -497,6 +502,8 @@ def test_resume_after_sigkill_at_random_moments_gives_every_key_once(tmp_path):
 
     keys = raw_keys(store)
     assert len(keys) == len(set(keys)) == total  # every key exactly once, in the raw parts too
+    # and every key's maps once: they live in the key's row, so no part lacks or repeats them
+    assert store.read_table().column("maps").null_count == 0
 
     reference_config = load_config(killed_path, [f"output={tmp_path / 'reference'}"])
     run_audit(reference_config, classifier_factory=None, progress=False)

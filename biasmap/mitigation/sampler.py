@@ -60,16 +60,25 @@ class GuidedOutput:
     applied: torch.Tensor
     maps: AttributionMaps | None
     settings: GuidanceSettings
-    concepts: tuple[str, str]
+    concepts: tuple[str, ...]  # demographic concept(s), then the semantic one
     q: float
 
     def iou(self) -> torch.Tensor:
-        """Final IoU [B] of the two concepts' q-masks, with the preset's mask comparison."""
-        return self._maps().iou(*self.concepts, self.q, inclusive=self.settings.inclusive_masks)
+        """Final IoU [B] of the semantic concept's q-mask with the demographic one's (the AND
+        of the demographic ones' with several), with the preset's mask comparison."""
+        return self._maps().iou(
+            self._demographic(), self.concepts[-1], self.q, inclusive=self.settings.inclusive_masks
+        )
 
     def biou(self) -> dict[str, torch.Tensor]:
         """Final block IoU {block: [B], "mean": [B]} with the preset's mask comparison."""
-        return self._maps().biou(*self.concepts, self.q, inclusive=self.settings.inclusive_masks)
+        return self._maps().biou(
+            self._demographic(), self.concepts[-1], self.q, inclusive=self.settings.inclusive_masks
+        )
+
+    def _demographic(self) -> str | list[str]:
+        demographic = list(self.concepts[:-1])
+        return demographic[0] if len(demographic) == 1 else demographic
 
     def _maps(self) -> AttributionMaps:
         if self.maps is None:
@@ -152,7 +161,7 @@ class _StepCapture(Trace):
                 differentiable=True,
             )
             size = self.map_side(settings.guidance_map_size)
-            energy = _energy(self.take_step_maps(), 0, 1, size, settings, q)
+            energy = _energy(self.take_step_maps(), size, settings, q)
             (grad,) = torch.autograd.grad(energy.sum(), z)
         return energy.detach(), grad, output.detach()
 
@@ -175,9 +184,12 @@ class _StepCapture(Trace):
 
 
 def _energy(
-    step_maps: dict[str, torch.Tensor], a: int, b: int, size, settings: GuidanceSettings, q: float
+    step_maps: dict[str, torch.Tensor], size, settings: GuidanceSettings, q: float
 ) -> torch.Tensor:
-    """E [B] = SoftIoU(SoftTopK(M_a), SoftTopK(M_b)) of one step's block maps.
+    """E [B] = SoftIoU(SoftTopK(M_a), SoftTopK(M_b)) of one step's block maps, where b is the
+    last concept (the semantic one) and a the first; with several demographic concepts (an
+    intersectional audit axis: gender, race, profession) E is the mean over them of each one's
+    SoftIoU with b, which lowers every pairwise entanglement and so bounds the intersection's.
 
     step_maps: {block: [B, C, h_i, w_i]}, aggregated to `size` as settings.aggregation says.
 
@@ -186,13 +198,14 @@ def _energy(
     """
     with ops.skip_value_checks():
         maps = aggregate_blocks(list(step_maps.values()), size, settings.aggregation)
-        batch, _, height, width = maps.shape
-        pair = torch.cat([maps[:, a], maps[:, b]])  # [2B, S_h, S_w]
+        batch, concepts, height, width = maps.shape
+        # [C * B, S_h, S_w]: the demographic concepts' maps, then the semantic one's.
+        stacked = torch.cat([maps[:, index] for index in range(concepts)])
         if settings.topk_scope == "row":
-            rows = pair.reshape(2 * batch * height, width)
+            rows = stacked.reshape(concepts * batch * height, width)
             k = ops.topk_count(width, q)
         else:
-            rows = pair.reshape(2 * batch, height * width)
+            rows = stacked.reshape(concepts * batch, height * width)
             k = ops.topk_count(height * width, q)
         masks = ops.soft_topk(
             rows,
@@ -201,8 +214,15 @@ def _energy(
             solver=settings.solver,
             iters=settings.iters,
             normalize=settings.normalize,
-        ).reshape(2 * batch, height * width)
-        return ops.soft_iou(masks[:batch], masks[batch:], settings.eps)
+        ).reshape(concepts * batch, height * width)
+        semantic = masks[(concepts - 1) * batch :]
+        energies = [
+            ops.soft_iou(masks[index * batch : (index + 1) * batch], semantic, settings.eps)
+            for index in range(concepts - 1)
+        ]
+        if len(energies) == 1:
+            return energies[0]
+        return torch.stack(energies).mean(dim=0)
 
 
 def _require_finite(energy: torch.Tensor, step: int) -> None:
@@ -295,7 +315,9 @@ def guided_generate(
     prompt: P (one string or a list: B = len * num_images_per_prompt images).
     attribution_prompt: P', e.g. "A photo of the face of a firefighter and gender"; its keys
     come from the pipeline's own text encoding (SDXL: both encoders' states, concatenated).
-    concepts: (a, b): the demographic concept a and the semantic concept b of P'.
+    concepts: (a, b): the demographic concept a and the semantic concept b of P'; or
+    (a_1, ..., a_m, b), several demographic concepts traced together (an intersection),
+    whose energy is the mean of each a_i's with b.
     lambda_: energy guidance strength (0: plain sampling, bit-identical to diffusers).
     q: quantile of the hard masks; the soft top-k keeps k = floor((1 - q) n).
     tau, solver, normalize, cfg_half, guidance_scale, topk_scope: override the preset
@@ -345,10 +367,10 @@ def guided_generate(
         blocks=blocks,
         map_size=map_size,
     )
-    if len(capture.concepts) != 2:
+    if len(capture.concepts) < 2:
         raise ValueError(
-            f"concepts must be two words of the attribution prompt (demographic, semantic), got "
-            f"{list(concepts)}"
+            "concepts must be at least two words of the attribution prompt (demographic, "
+            f"..., semantic), got {list(concepts)}"
         )
     with torch.no_grad():
         cond, uncond = adapter.encode(
@@ -368,7 +390,6 @@ def guided_generate(
     grad_norms = torch.zeros(num_steps, batch)
     applied = torch.zeros(num_steps, batch, dtype=torch.bool)
     sega = SemanticGuidance(fair) if fair is not None else None
-    a, b = 0, 1
     denoiser = adapter.denoiser
     denoiser_requires_grad = [p.requires_grad for p in denoiser.parameters()]
     denoiser.requires_grad_(False)  # frozen weights: the backward computes no weight gradients
@@ -391,7 +412,7 @@ def guided_generate(
                     )
                     step_maps = capture.take_step_maps()
                     step_side = capture.map_side(settings.guidance_map_size)
-                    energy = _energy(step_maps, a, b, step_side, settings, q)
+                    energy = _energy(step_maps, step_side, settings, q)
                     if use_cfg:
                         chunks = output_all.chunk(copies)
                         out_uncond, out_cond, out_edits = chunks[0], chunks[1], chunks[2:]
