@@ -382,14 +382,20 @@ def test_an_sdxl_audit_runs_every_method_and_its_report_names_the_family(tmp_pat
         assert stored["biou_blocks"] == expected
     assert row("hard", 0)["prompt"] == "A photo of the face of a diverse doctor"
     # The sd rows are the diffusers SDXL pipeline's own images (PNG-exact), batched as the
-    # audit batches seeds.
-    reference = tiny_sdxl(0)(
-        row("sd", 0)["prompt"],
-        num_images_per_prompt=2,
-        num_inference_steps=2,
-        guidance_scale=7.5,
-        generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)],
-    ).images
+    # audit batches seeds, on as many threads as the audit used: CPU convolutions split their
+    # reductions by thread, so another thread count moves pixels by one level.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        reference = tiny_sdxl(0)(
+            row("sd", 0)["prompt"],
+            num_images_per_prompt=2,
+            num_inference_steps=2,
+            guidance_scale=7.5,
+            generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)],
+        ).images
+    finally:
+        torch.set_num_threads(threads)
     for seed, image in enumerate(reference):
         stored = Image.open(summary.run_dir / row("sd", seed)["image_path"])
         assert np.array_equal(np.asarray(stored), np.asarray(image))
