@@ -92,3 +92,19 @@ def assert_close_2x(out, ref_lowp, ref_high, atol: float, what: str = "") -> Non
     assert err <= budget, (
         f"{what}: max error {err:.3e} exceeds 2x same-dtype error + atol = {budget:.3e}"
     )
+
+
+# Each test module gets its own tiny MM-DiT pipelines (module scope): tests install hooks and
+# set schedulers on them, which must not leak into another module.
+@pytest.fixture(scope="module")
+def sd3():
+    from biasmap import models
+
+    return models.tiny_sd3(0)
+
+
+@pytest.fixture(scope="module")
+def flux():
+    from biasmap import models
+
+    return models.tiny_flux(0)

@@ -22,7 +22,7 @@ from PIL import Image
 
 pytest.importorskip("diffusers")
 
-from audit_fixtures import write_yaml  # noqa: E402
+from audit_fixtures import small_config, write_yaml  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from biasmap.audit.config import ConfigError, load_config, parse_seeds  # noqa: E402
@@ -55,26 +55,6 @@ METRIC_COLUMNS = (
     "maps_concepts",
     "masks_inclusive",
 )
-
-
-def small_config(output: Path, **fields) -> dict:
-    """A grid small enough for seconds of CPU: 1 thread (2 threads on this busy 2-core box
-    can wait whole scheduler slices at every parallel region)."""
-    config = {
-        "model": "tiny",
-        "professions": ["doctor"],
-        "axes": {"gender": {"concept": "gender", "classes": ["male", "female"]}},
-        "seeds": "0-3",
-        "methods": ["sd", "biasmap"],
-        "lambdas": [100.0],
-        "steps": 2,
-        "batch_size": 2,
-        "threads": 1,
-        "clip_model": None,
-        "output": str(output),
-    }
-    config.update(fields)
-    return config
 
 
 def pixel_probs(image: Image.Image, classes: int) -> torch.Tensor:

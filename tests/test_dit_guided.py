@@ -27,16 +27,6 @@ def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(scope="module")
-def sd3():
-    return models.tiny_sd3(0)
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return models.tiny_flux(0)
-
-
 @pytest.mark.parametrize("step", [1, 2, 3])
 def test_guided_velocity_gives_the_euler_step_that_guided_eps_implies(step):
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)

@@ -10,16 +10,6 @@ pytest.importorskip("diffusers")
 from biasmap import models  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def sd3():
-    return models.tiny_sd3(0)
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return models.tiny_flux(0)
-
-
 def _generate(pipe, seed=0, **kwargs):
     return pipe(
         "a photo of a cat",

@@ -28,16 +28,6 @@ TEXT_LENGTH = 16  # max_sequence_length of the T5 stream
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def sd3():
-    return models.tiny_sd3(0)
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return models.tiny_flux(0)
-
-
 @pytest.fixture(params=["sd3", "flux"])
 def pipe(request, sd3, flux):
     return {"sd3": sd3, "flux": flux}[request.param]

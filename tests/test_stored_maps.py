@@ -14,13 +14,13 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from audit_fixtures import fixture_rows, write_store, write_yaml  # noqa: E402
+from audit_fixtures import fixture_rows, small_config, write_store, write_yaml  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from biasmap.audit import stored_maps  # noqa: E402
 from biasmap.audit.config import load_config  # noqa: E402
 from biasmap.audit.runner import run_audit  # noqa: E402
-from biasmap.audit.schema import KEY_COLUMNS, ADDED_FIELDS, SCHEMA  # noqa: E402
+from biasmap.audit.schema import ADDED_FIELDS, KEY_COLUMNS, SCHEMA  # noqa: E402
 from biasmap.audit.store import ResultsStore  # noqa: E402
 from biasmap.cli import app  # noqa: E402
 from biasmap.report import write_report  # noqa: E402
@@ -29,21 +29,7 @@ TINY_BLOCKS = ["down-16", "down-8", "down-4", "up-4", "up-8", "up-16"]
 
 
 def tiny_config(output: Path, **fields) -> dict:
-    config = {
-        "model": "tiny",
-        "professions": ["doctor", "nurse"],
-        "axes": {"gender": {"concept": "gender", "classes": ["male", "female"]}},
-        "seeds": "0-2",
-        "methods": ["sd", "biasmap"],
-        "lambdas": [100.0],
-        "steps": 2,
-        "batch_size": 2,
-        "threads": 1,
-        "clip_model": None,
-        "output": str(output),
-    }
-    config.update(fields)
-    return config
+    return small_config(output, **{"professions": ["doctor", "nurse"], "seeds": "0-2", **fields})
 
 
 def audit(tmp_path: Path, name: str, **fields):

@@ -51,7 +51,10 @@ PAPER_PROFESSIONS = (
 KNOWN_AXES = tuple(NEGATIVE_PROMPTS)
 # The offline pipelines the guided sampler runs in an audit: the planted world's trained model
 # and the UNet random-weight builders (SD1.x/2.x and SDXL); the MM-DiTs are not audited yet.
-OFFLINE_MODELS = (PLANTED, *(name for name in RANDOM_MODELS if name not in ("tiny-sd3", "tiny-flux")))
+OFFLINE_MODELS = (
+    PLANTED,
+    *(name for name in RANDOM_MODELS if name not in ("tiny-sd3", "tiny-flux")),
+)
 DEFAULT_CLASS_PROMPT = "a photo of the face of a {cls} person"
 DType = Literal["fp32", "fp16", "bf16"]
 Preset = Literal["paper", "official"]

@@ -543,18 +543,16 @@ def trace(
     """
     from .dit import DiTTrace, mmdit_family
 
+    options = dict(
+        cfg_half=cfg_half,
+        softmax_over=softmax_over,
+        blocks=blocks,
+        map_size=map_size,
+        timesteps=timesteps,
+    )
     if mmdit_family(pipe) is not None:
         return DiTTrace(
-            pipe,
-            attribution_prompt,
-            concepts,
-            cfg_half=cfg_half,
-            softmax_over=softmax_over,
-            blocks=blocks,
-            map_size=map_size,
-            timesteps=timesteps,
-            text_stream=text_stream,
-            keys=keys,
+            pipe, attribution_prompt, concepts, **options, text_stream=text_stream, keys=keys
         )
     for name, value in (("text_stream", text_stream), ("keys", keys)):
         if value != "auto":
@@ -562,13 +560,4 @@ def trace(
                 f"{name}={value!r} applies to MM-DiT pipelines (SD3, Flux) only; a UNet "
                 f"pipeline's keys come from its one text encoder: leave {name}='auto'"
             )
-    return Trace(
-        pipe,
-        attribution_prompt,
-        concepts,
-        cfg_half=cfg_half,
-        softmax_over=softmax_over,
-        blocks=blocks,
-        map_size=map_size,
-        timesteps=timesteps,
-    )
+    return Trace(pipe, attribution_prompt, concepts, **options)

@@ -138,7 +138,11 @@ class DenoiserAdapter:
         self, prompts: Sequence[str], rows: int, image_size: tuple[int, int]
     ) -> list[Conditioning]:
         """One conditioning of `rows` rows per Fair Diffusion edit prompt (no CFG)."""
-        raise NotImplementedError
+        edits = []
+        for prompt in prompts:
+            cond, _ = self.encode(prompt, 1, False, None, image_size)
+            edits.append(cond.repeat_rows(rows))
+        return edits
 
     def set_timesteps(self, num_inference_steps: int, image_size: tuple[int, int]) -> torch.Tensor:
         """Set the scheduler up for a generation and return its timesteps [steps]."""
@@ -335,13 +339,6 @@ class UNetAdapter(DenoiserAdapter):
         cond = self._conditioning(embeds, pooled, image_size)
         uncond = self._conditioning(negative, negative_pooled, image_size) if use_cfg else None
         return cond, uncond
-
-    def encode_edits(self, prompts, rows, image_size):
-        edits = []
-        for prompt in prompts:
-            cond, _ = self.encode(prompt, 1, False, None, image_size)
-            edits.append(cond.repeat_rows(rows))
-        return edits
 
     def set_timesteps(self, num_inference_steps, image_size):
         scheduler = self.pipe.scheduler

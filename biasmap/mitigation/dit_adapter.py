@@ -139,6 +139,21 @@ class DiTStepCapture(DiTTrace):
         return maps
 
 
+def _resolution_shift(config, tokens: int, default_max_shift: float) -> float:
+    """The schedule shift mu for `tokens` image tokens, as FluxPipeline and SD3's dynamic
+    shifting compute it from the scheduler config (the two pipelines' max_shift defaults
+    differ: 1.15 Flux, 1.16 SD3)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    return calculate_shift(
+        tokens,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", default_max_shift),
+    )
+
+
 class DiTAdapter(DenoiserAdapter):
     """SD3/SD3.5 (StableDiffusion3Pipeline) and Flux.1 (FluxPipeline) with the flow-matching
     Euler scheduler. Conditioning: the joint text states [N, L, D] and
@@ -237,15 +252,8 @@ class DiTAdapter(DenoiserAdapter):
         self.text_ids = text_ids
         return Conditioning(embeds, {"pooled_projections": pooled}), None
 
-    def encode_edits(self, prompts, rows, image_size):
-        edits = []
-        for prompt in prompts:
-            cond, _ = self.encode(prompt, 1, False, None, image_size)
-            edits.append(cond.repeat_rows(rows))
-        return edits
-
     def set_timesteps(self, num_inference_steps, image_size):
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+        from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
         pipe, scheduler = self.pipe, self.pipe.scheduler
         config = scheduler.config
@@ -259,13 +267,7 @@ class DiTAdapter(DenoiserAdapter):
             tokens = (2 * (height // (pipe.vae_scale_factor * 2)) // 2) * (
                 2 * (width // (pipe.vae_scale_factor * 2)) // 2
             )
-            kwargs["mu"] = calculate_shift(
-                tokens,
-                config.get("base_image_seq_len", 256),
-                config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5),
-                config.get("max_shift", 1.15),
-            )
+            kwargs["mu"] = _resolution_shift(config, tokens, default_max_shift=1.15)
             timesteps, _ = retrieve_timesteps(
                 scheduler, num_inference_steps, self.device, sigmas=sigmas, **kwargs
             )
@@ -276,13 +278,7 @@ class DiTAdapter(DenoiserAdapter):
             tokens = (height // pipe.vae_scale_factor // patch) * (
                 width // pipe.vae_scale_factor // patch
             )
-            kwargs["mu"] = calculate_shift(
-                tokens,
-                config.get("base_image_seq_len", 256),
-                config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5),
-                config.get("max_shift", 1.16),
-            )
+            kwargs["mu"] = _resolution_shift(config, tokens, default_max_shift=1.16)
         timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, self.device, **kwargs)
         return timesteps
 
