@@ -282,6 +282,7 @@ def generate(
         PRESET_NAMES,
         check_axis,
         check_method_blocks,
+        check_method_family,
         check_methods,
         check_model,
         parse_seeds,
@@ -301,6 +302,7 @@ def generate(
     check_choice("--dtype", dtype, DTYPES)
     check_quantile(q)
     checked("--model", check_model, model)
+    checked("--method", check_method_family, model, [method])
     checked("--method", check_method_blocks, model, [method], None)
     checked("--device", _check_device, device)
 

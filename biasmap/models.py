@@ -331,6 +331,10 @@ _SD3_VAE_FACTORS = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
 _FLUX_VAE_FACTORS = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
 # Tiny MM-DiTs make 64 px images: an 8x8 latent, i.e. a 4x4 grid of image tokens (patch 2).
 TINY_DIT_LATENT = 8
+# Their block counts, which dit_block_names reads without building them: tiny-sd3's joint
+# blocks; tiny-flux's double-stream (joint) and single-stream blocks.
+TINY_SD3_LAYERS = 3
+TINY_FLUX_LAYERS = (2, 2)
 
 
 def _tiny_dit_vae(factors: dict[str, float]):
@@ -401,7 +405,7 @@ def tiny_sd3(seed: int = 0):
             sample_size=TINY_DIT_LATENT,
             patch_size=2,
             in_channels=DIT_LATENT_CHANNELS,
-            num_layers=3,
+            num_layers=TINY_SD3_LAYERS,
             attention_head_dim=16,
             num_attention_heads=2,
             joint_attention_dim=32,
@@ -454,8 +458,8 @@ def tiny_flux(seed: int = 0):
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=4 * DIT_LATENT_CHANNELS,  # 2x2 packed latent patches
-            num_layers=2,
-            num_single_layers=2,
+            num_layers=TINY_FLUX_LAYERS[0],
+            num_single_layers=TINY_FLUX_LAYERS[1],
             attention_head_dim=16,
             num_attention_heads=2,
             joint_attention_dim=32,
@@ -715,16 +719,52 @@ def unet_layout(name_or_path: str) -> tuple[dict[str, Any], int] | None:
     return unet, scale
 
 
+def dit_block_names(name_or_path: str) -> list[str] | None:
+    """The MM-DiT block names (`joint-i`, then Flux's `single-i`, as biasmap.trace names
+    them) of what load_pipeline(name_or_path) loads, read without loading weights.
+
+    Known for tiny-sd3 / tiny-flux and local folders whose transformer/config.json is an
+    SD3Transformer2DModel or FluxTransformer2DModel config; None for UNet models, hub ids
+    and unreadable folders. Unlike a UNet's, the names do not depend on the image size.
+    """
+    import json
+
+    if name_or_path == "tiny-sd3":
+        joint, single = TINY_SD3_LAYERS, 0
+    elif name_or_path == "tiny-flux":
+        joint, single = TINY_FLUX_LAYERS
+    elif os.path.isdir(os.path.expanduser(name_or_path)):
+        folder = Path(os.path.expanduser(name_or_path))
+        try:
+            config = json.loads((folder / "transformer" / "config.json").read_text())
+            kind = config["_class_name"]
+            joint = int(config["num_layers"])
+            single = int(config.get("num_single_layers", 0))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if kind == "SD3Transformer2DModel":
+            single = 0
+        elif kind != "FluxTransformer2DModel":
+            return None
+    else:
+        return None
+    return [f"joint-{i}" for i in range(joint)] + [f"single-{i}" for i in range(single)]
+
+
 # The family of each diffusers pipeline class biasmap runs, in the words reports use.
 PIPELINE_FAMILIES = {
     "StableDiffusionPipeline": "SD1.x/SD2.x UNet",
     "StableDiffusionXLPipeline": "SDXL UNet",
+    "StableDiffusion3Pipeline": "SD3 (MM-DiT)",
+    "FluxPipeline": "Flux.1 (MM-DiT)",
 }
 _BUILDER_PIPELINES = {
     "tiny": "StableDiffusionPipeline",
     "tiny-sd": "StableDiffusionPipeline",
     "tiny-sd2": "StableDiffusionPipeline",
     "tiny-sdxl": "StableDiffusionXLPipeline",
+    "tiny-sd3": "StableDiffusion3Pipeline",
+    "tiny-flux": "FluxPipeline",
     "random-sd15": "StableDiffusionPipeline",
 }
 
@@ -736,7 +776,15 @@ def pipeline_family(pipeline_class: str) -> str:
 
 
 def model_family(name_or_path: str) -> str | None:
-    """The family of what load_pipeline(name_or_path) loads, read without loading weights.
+    """The family of what load_pipeline(name_or_path) loads, read without loading weights
+    ("SDXL UNet", "Flux.1 (MM-DiT)"); None when nothing tells (see pipeline_class_name)."""
+    class_name = pipeline_class_name(name_or_path)
+    return pipeline_family(class_name) if class_name is not None else None
+
+
+def pipeline_class_name(name_or_path: str) -> str | None:
+    """The diffusers pipeline class ("FluxPipeline") load_pipeline(name_or_path) loads, read
+    without loading weights.
 
     Known for the random-weight builders; the planted model and local folders tell by their
     model_index.json's _class_name, hub ids by the model_index.json in the local hub cache.
@@ -745,7 +793,7 @@ def model_family(name_or_path: str) -> str | None:
     import json
 
     if name_or_path in _BUILDER_PIPELINES:
-        return pipeline_family(_BUILDER_PIPELINES[name_or_path])
+        return _BUILDER_PIPELINES[name_or_path]
     index = None
     if name_or_path == PLANTED:
         index = PLANTED_FOLDER / "pipeline" / "model_index.json"
@@ -763,7 +811,7 @@ def model_family(name_or_path: str) -> str | None:
         class_name = json.loads(index.read_text())["_class_name"]
     except (AttributeError, OSError, ValueError, KeyError, TypeError):
         return None
-    return pipeline_family(class_name)
+    return class_name if isinstance(class_name, str) else None
 
 
 def planted_folder(part: str) -> Path:

@@ -87,6 +87,8 @@ def assert_refused(result: tuple[int, str, str], *expected: str) -> str:
         (["--steps", "0"], ["'--steps'", "greater than or equal to 1"]),
         (["--model", "./no-such-folder"], ["--model", "does not exist"]),
         (["--method", "biasmap@down-64+up-64"], ["--method", "lacks", "down-16"]),
+        (["--model", "tiny-flux", "--method", "fd"], ["--method", "Flux.1 (MM-DiT)", "hard"]),
+        (["--model", "tiny-sd3", "--method", "biasmap@up-8"], ["--method", "joint-2"]),
         (["--device", "gpu0"], ["--device", "'cuda:<index>'"]),
     ],
 )

@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..mitigation.methods import METHODS, NEGATIVE_PROMPTS
+from ..mitigation.methods import METHODS, NEGATIVE_PROMPTS, TRUE_CFG_BASES, needs_true_cfg
 from ..models import PLANTED, RANDOM_MODELS, planted_weights_digest
 
 # The paper's professions (Section 4.1).
@@ -49,12 +49,9 @@ PAPER_PROFESSIONS = (
 )
 # Axes the mitigation methods know: negative prompting and Fair Diffusion need per-axis prompts.
 KNOWN_AXES = tuple(NEGATIVE_PROMPTS)
-# The offline pipelines the guided sampler runs in an audit: the planted world's trained model
-# and the UNet random-weight builders (SD1.x/2.x and SDXL); the MM-DiTs are not audited yet.
-OFFLINE_MODELS = (
-    PLANTED,
-    *(name for name in RANDOM_MODELS if name not in ("tiny-sd3", "tiny-flux")),
-)
+# The offline pipelines an audit runs: the planted world's trained model and every random-
+# weight builder (SD1.x/2.x, SDXL, SD3 and Flux.1).
+OFFLINE_MODELS = (PLANTED, *RANDOM_MODELS)
 DEFAULT_CLASS_PROMPT = "a photo of the face of a {cls} person"
 DType = Literal["fp32", "fp16", "bf16"]
 Preset = Literal["paper", "official"]
@@ -308,14 +305,44 @@ def check_model(value: str, offline: tuple[str, ...] = OFFLINE_MODELS) -> str:
     return value
 
 
+def check_method_family(model: str, methods: list[str]) -> None:
+    """Raise ValueError when a method needs what the model's family lacks: Fair Diffusion and
+    negative prompting need a true CFG branch, which Flux.1 (guidance-distilled) has not.
+    Read without loading weights; a model whose pipeline class only loading tells (a hub id
+    not in the local cache) passes, and the sampler refuses such a method at its first batch."""
+    from ..mitigation.adapters import adapter_class
+    from ..models import pipeline_class_name, pipeline_family
+
+    class_name = pipeline_class_name(model)
+    adapter = adapter_class(class_name) if class_name is not None else None
+    if adapter is None or adapter.has_true_cfg(class_name):
+        return
+    refused = [method for method in methods if needs_true_cfg(method)]
+    if refused:
+        accepted = [m for m in METHODS if not needs_true_cfg(m) and "@" not in m]
+        raise ValueError(
+            f"method(s) {refused} need a true classifier-free-guidance branch "
+            f"({' and '.join(TRUE_CFG_BASES.values())}), which model {model!r} "
+            f"({pipeline_family(class_name)}) has not; it accepts {accepted} and "
+            "biasmap@<block>+<block> with its block names"
+        )
+
+
 def check_method_blocks(model: str, methods: list[str], image_size: int | None) -> None:
     """Raise ValueError when a `biasmap@...` method names a block the model lacks at this image
     size (None: the model's default). Models whose layout needs loading (hub ids) pass."""
     from ..discovery.trace import cross_attention_block_names
-    from ..models import unet_layout
+    from ..models import dit_block_names, unet_layout
 
     wanted = {method: method.partition("@")[2].split("+") for method in methods if "@" in method}
-    layout = unet_layout(model) if wanted else None
+    if not wanted:
+        return
+    dit_names = dit_block_names(model)
+    if dit_names is not None:
+        # MM-DiT blocks do not depend on the image size.
+        _check_blocks_exist(model, wanted, dit_names, "MM-DiT blocks")
+        return
+    layout = unet_layout(model)
     if layout is None:
         return
     unet, scale = layout
@@ -324,12 +351,18 @@ def check_method_blocks(model: str, methods: list[str], image_size: int | None) 
     if image_size is not None:
         height = width = image_size // scale
     names = cross_attention_block_names(unet, height, width)
+    _check_blocks_exist(model, wanted, names, "cross-attention blocks at this image size")
+
+
+def _check_blocks_exist(
+    model: str, wanted: dict[str, list[str]], names: list[str], what: str
+) -> None:
     for method, blocks in wanted.items():
         missing = [block for block in blocks if block not in names]
         if missing:
             raise ValueError(
                 f"method {method!r} names block(s) {missing} that model {model!r} lacks; its "
-                f"cross-attention blocks at this image size are {names}"
+                f"{what} are {names}"
             )
 
 
@@ -414,7 +447,7 @@ class AuditConfig(_Strict):
         # Fair Diffusion's edit prompts steer one axis ("a male" / "a female"); there are none
         # for an intersection.
         fair = [m for m in self.methods if m.partition("+")[0] == "fd"]
-        joint = [name for name in self.axes if "+" in name]
+        joint = [name for name, axis in self.axes.items() if axis.intersectional]
         if fair and joint:
             raise ValueError(
                 f"methods {fair} need a single axis, and axes {joint} are intersections; "
@@ -423,8 +456,10 @@ class AuditConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _blocks_exist(self) -> AuditConfig:
-        # Before anything runs: a block list the model lacks would fail only at its first batch.
+    def _methods_fit_the_model(self) -> AuditConfig:
+        # Before anything runs: a method the model's family cannot run, or a block list the
+        # model lacks, would fail only at its first batch.
+        check_method_family(self.model, self.methods)
         check_method_blocks(self.model, self.methods, self.image_size)
         return self
 

@@ -137,8 +137,22 @@ def _normed(norm, x: torch.Tensor) -> torch.Tensor:
 
 
 def _bound_arguments(module, args, kwargs) -> dict:
-    signature = inspect.signature(module.forward)
+    """A hooked forward call's arguments by parameter name (positional ones included)."""
+    forward = module.forward
+    function = getattr(forward, "__func__", None)
+    if function is None:  # a plain function set on the instance: no self to drop
+        signature = inspect.signature(forward)
+    else:
+        signature = _method_signature(function)
     return dict(signature.bind_partial(*args, **kwargs).arguments)
+
+
+@functools.lru_cache(maxsize=64)
+def _method_signature(function) -> inspect.Signature:
+    # inspect.signature costs ~50 us a call, and the hooks bind every block call's
+    # arguments; a forward method's signature without its self parameter never changes.
+    parameters = list(inspect.signature(function).parameters.values())[1:]
+    return inspect.Signature(parameters)
 
 
 class DiTTrace:
@@ -205,6 +219,8 @@ class DiTTrace:
                 )
         self.blocks_option = blocks if isinstance(blocks, str) else list(blocks)
         self._selected_names = [n for n in names if n in wanted]  # forward order
+        # The side stream is needed up to this block, and only for its keys there.
+        self._last_selected = max(b.index for b in self._blocks if b.name in wanted)
         # Checked now, so that a missing concept fails before any generation; the stream's
         # length is known only at the first transformer call (_start_generation re-checks).
         self.tokens: ConceptTokens = concept_positions(
@@ -509,8 +525,7 @@ class DiTTrace:
             return True
         if self._mode != "side-stream":
             return False
-        last = max(b.index for b in self._blocks if b.name in self._state.capture_blocks)
-        return block.index < last
+        return block.index < self._last_selected
 
     def _keep_projection(self, block: DiTBlock, name: str, module, inputs, output) -> None:
         if self._armed is block:
@@ -629,7 +644,8 @@ class DiTTrace:
             q_proj, k_proj, v_proj = attn.add_q_proj, attn.add_k_proj, attn.add_v_proj
             q_norm, k_norm = attn.norm_added_q, attn.norm_added_k
         keys = _rotate(_normed(k_norm, _heads(k_proj(normed), attn.heads)), rotary, text_rows)
-        if not block.text_continues:
+        if not block.text_continues or block.index == self._last_selected:
+            # No later block reads the stream: its keys here are all that is needed.
             self._side = None
             return keys
         queries = _rotate(_normed(q_norm, _heads(q_proj(normed), attn.heads)), rotary, text_rows)

@@ -98,6 +98,14 @@ class DenoiserAdapter:
         """Whether this adapter can drive `pipe`."""
         raise NotImplementedError
 
+    @classmethod
+    def has_true_cfg(cls, pipeline_class: str) -> bool:
+        """Whether guided sampling of `pipeline_class` (one of pipeline_names) runs a real
+        second branch beside the conditional one: an unconditional or negative prompt, and
+        Fair Diffusion's edit prompts. Read without a pipeline, so that an audit config can
+        refuse the methods that need it before any model loads."""
+        return True
+
     @property
     def family(self) -> str:
         """The model family in words, e.g. "SDXL UNet"; reports name it."""
@@ -437,6 +445,15 @@ class UNetAdapter(DenoiserAdapter):
 
 # Tried in order; the first whose supports(pipe) is true drives the pipeline.
 ADAPTERS: list[type[DenoiserAdapter]] = [UNetAdapter]
+
+
+def adapter_class(pipeline_class: str) -> type[DenoiserAdapter] | None:
+    """The adapter class serving the diffusers pipeline class named `pipeline_class`
+    ("FluxPipeline"), or None when no adapter lists it."""
+    for adapter in ADAPTERS:
+        if pipeline_class in adapter.pipeline_names:
+            return adapter
+    return None
 
 
 def adapter_for(pipe) -> DenoiserAdapter:

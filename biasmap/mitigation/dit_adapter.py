@@ -189,9 +189,18 @@ class DiTAdapter(DenoiserAdapter):
     def supports(cls, pipe) -> bool:
         return mmdit_family(pipe) is not None
 
+    @classmethod
+    def has_true_cfg(cls, pipeline_class: str) -> bool:
+        """SD3 batches CFG halves; Flux.1 is guidance-distilled (its scale is an embedding)
+        and its true CFG is not wired into the guided loop, so `encode` refuses negative
+        prompts and the sampler refuses Fair Diffusion's edit prompts."""
+        return pipeline_class != "FluxPipeline"
+
     @property
     def family(self) -> str:
-        return "SD3 (MM-DiT)" if self.kind == "sd3" else "Flux.1 (MM-DiT)"
+        from ..models import pipeline_family
+
+        return pipeline_family(type(self.pipe).__name__)
 
     @property
     def denoiser(self) -> torch.nn.Module:

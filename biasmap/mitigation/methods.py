@@ -28,6 +28,22 @@ METHODS = (
     "biasmap@down-64+up-64",
 )
 
+# Bases that need a real second CFG branch: negative prompting replaces the unconditional
+# prompt, Fair Diffusion adds its edit prompts' branches to the CFG batch.
+TRUE_CFG_BASES = {"fd": "Fair Diffusion", "negative": "negative prompting"}
+
+
+def method_base(method: str) -> str:
+    """The base a method builds on: "fd" for "fd+biasmap", "sd" for "biasmap" and
+    "biasmap@<blocks>"."""
+    base = method.partition("@")[0].partition("+")[0]
+    return "sd" if base == "biasmap" else base
+
+
+def needs_true_cfg(method: str) -> bool:
+    """Whether `method` needs a second CFG branch (see TRUE_CFG_BASES)."""
+    return method_base(method) in TRUE_CFG_BASES
+
 
 @dataclass(frozen=True)
 class MethodPlan:
