@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -213,7 +214,10 @@ class Trace:
         blocks: str | Sequence[str] = "default",
         map_size: int | tuple[int, int] | None = None,
         timesteps=None,
+        compile: bool = False,
     ):
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, got {compile!r}")
         if cfg_half not in CFG_HALVES:
             raise ValueError(f"cfg_half must be one of {list(CFG_HALVES)}, got {cfg_half!r}")
         if softmax_over not in SOFTMAX_DOMAINS:
@@ -254,6 +258,8 @@ class Trace:
         self._originals: list[tuple[object, object]] = []
         self._processors = []
         self._unet_hook = None
+        self._unet_post_hook = None
+        self._compile = compile
         self._entered = False
         # Per generation: names of the captured blocks, step counter, steps captured.
         self._names: dict[str, str] = {}
@@ -324,6 +330,7 @@ class Trace:
             # The keys hold exactly the softmax domain (see _encode_attribution_prompt): no mask.
             key_mask=None,
             text_states=self._encode_attribution_prompt(),
+            layers_per_block=dict(Counter(key for key, _ in self._layers)),
         )
         self._entered = True
         try:
@@ -336,6 +343,15 @@ class Trace:
             self._unet_hook = self.pipe.unet.register_forward_pre_hook(
                 self._on_unet_call, with_kwargs=True
             )
+            self._unet_post_hook = self.pipe.unet.register_forward_hook(self._after_unet_call)
+            if self._compile:
+                # Only forward is compiled (an instance attribute, removed on exit): the
+                # hooks above keep the step count and the running sums eagerly, so the
+                # compiled code sees the same state at every step and compiles once per
+                # capturing / non-capturing call.
+                from ..mitigation.compiled import compiled_forward
+
+                self.pipe.unet.forward = compiled_forward(self.pipe.unet)
         except BaseException:
             self._restore()
             raise
@@ -348,7 +364,12 @@ class Trace:
             processor.remove_hook()
         if self._unet_hook is not None:
             self._unet_hook.remove()
+        if self._unet_post_hook is not None:
+            self._unet_post_hook.remove()
+        if "forward" in vars(self.pipe.unet):  # the compiled forward of compile=True
+            del self.pipe.unet.forward
         self._originals, self._processors, self._unet_hook = [], [], None
+        self._unet_post_hook = None
         if self._state is not None:
             self._state.capturing = False
         self._entered = False
@@ -439,6 +460,10 @@ class Trace:
         self._state.capturing = self._step in self._selected
         self._steps_captured += self._state.capturing
 
+    def _after_unet_call(self, module, args, output) -> None:
+        """Add this call's captured block maps into the generation's running sums."""
+        self._state.commit_step(self._state.pop_step())
+
     # ------------------------------------------------------------------ results
 
     @property
@@ -500,6 +525,7 @@ def trace(
     blocks: str | Sequence[str] = "default",
     map_size: int | tuple[int, int] | None = None,
     timesteps=None,
+    compile: bool = False,
 ) -> Trace:
     """Capture concept attribution maps while `pipe` generates inside a `with` block.
 
@@ -526,6 +552,9 @@ def trace(
     `.aggregate`. Memory: at most blocks x C x S_h x S_w floats per image, for any number
     of steps. The images are bit-identical to an untraced run.
 
+    compile: run the UNet's forward under torch.compile (capture processors included) for
+    the duration of the block; the first call of each kind (capturing or not) compiles.
+
     Returns a context manager; use `with biasmap.trace(...) as tr: pipe(...)`, then `tr.maps()`.
     """
     return Trace(
@@ -537,4 +566,5 @@ def trace(
         blocks=blocks,
         map_size=map_size,
         timesteps=timesteps,
+        compile=compile,
     )

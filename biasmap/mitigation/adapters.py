@@ -158,6 +158,19 @@ class DenoiserAdapter:
         Takes unscaled z_t: any model-input scaling the scheduler asks for happens here, so
         autograd reaches z_t through it.
         """
+        return self.denoise_scaled(self.scale_input(latents, timestep), timestep, conditioning)
+
+    def scale_input(self, latents: torch.Tensor, timestep) -> torch.Tensor:
+        """The model input [N, ...] for z_t [N, ...] (the scheduler's scale_model_input).
+
+        Kept apart from `denoise_scaled` so that the compiled step leaves it eager: some
+        schedulers index their tables with a step counter that changes every step.
+        """
+        raise NotImplementedError
+
+    def denoise_scaled(self, sample: torch.Tensor, timestep, conditioning: Conditioning):
+        """The denoiser's output [N, ...] for a model input from `scale_input`: the part of a
+        step that `StepRunner` compiles (no host syncs, no per-step Python state)."""
         raise NotImplementedError
 
     def guidance_factor(self, timestep) -> float:
@@ -358,13 +371,15 @@ class UNetAdapter(DenoiserAdapter):
     def step_kwargs(self, generator):
         return self.pipe.prepare_extra_step_kwargs(generator, 0.0)
 
-    def denoise(self, latents, timestep, conditioning):
+    def scale_input(self, latents, timestep):
+        return self.pipe.scheduler.scale_model_input(latents, timestep)
+
+    def denoise_scaled(self, sample, timestep, conditioning):
         if self.sdxl and set(conditioning.extra) != {"text_embeds", "time_ids"}:
             raise ValueError(
                 "an SDXL UNet needs conditioning with extra text_embeds (pooled) and time_ids; "
                 f"got {sorted(conditioning.extra)} (build it with UNetAdapter(pipe).encode)"
             )
-        sample = self.pipe.scheduler.scale_model_input(latents, timestep)
         return self.pipe.unet(
             sample,
             timestep,
