@@ -305,6 +305,9 @@ class AuditConfig(_Strict):
     workers: int | None = Field(None, ge=1)  # ray: default one per GPU, else 1
     threads: int | None = Field(None, ge=1)  # torch threads per worker; None: torch's default
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local cluster
+    # torch.compile the denoiser step (guided_generate's compile=): true (CUDA graphs on
+    # CUDA), false, or a torch.compile mode name. Compiles once per worker and batch shape.
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -398,8 +401,8 @@ class AuditConfig(_Strict):
         Left out: the grid itself (professions, seeds, methods, lambdas and which axes are in it:
         they are in the key, so a run can be extended with more of them and resumed), and what
         only changes where or how the work runs (output, batch_size, executor, workers, threads,
-        ray_address, device, fid_weights). device and batch_size can change the last bits of
-        floating-point results, not what the experiment is.
+        ray_address, device, fid_weights, compile). device, batch_size and compile can change
+        the last bits of floating-point results, not what the experiment is.
         """
         identity = self.model_dump(include=set(HASHED_FIELDS))
         if PLANTED in (self.model, self.clip_model):

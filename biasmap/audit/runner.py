@@ -279,6 +279,7 @@ class BatchGenerator:
             num_images_per_prompt=len(batch),
             height=config.image_size,
             width=config.image_size,
+            compile=config.compile,
         )
         iou = output.iou().tolist()
         biou = {name: values.tolist() for name, values in output.biou().items()}

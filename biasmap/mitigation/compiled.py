@@ -153,16 +153,21 @@ class StepRunner:
         return output, energy
 
     def plain(
-        self, latents: torch.Tensor, timestep, all_rows: Conditioning, rows: slice
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        self,
+        latents: torch.Tensor,
+        timestep,
+        all_rows: Conditioning,
+        rows: slice,
+        capture: bool = True,
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Diffusers' own step: one no-grad forward over the CFG batch [uncond, cond, edits].
 
         latents: z_t [B, ...]; all_rows: copies * B rows. Returns (the copies' outputs, each
-        [B, ...], E [B] of the `rows` half).
+        [B, ...], E [B] of the `rows` half, or None without `capture`).
         """
         copies = all_rows.rows // latents.shape[0]
         sample = torch.cat([latents] * copies) if copies > 1 else latents
-        output, energy = self.call(sample, timestep, all_rows, rows=rows, capture=True)
+        output, energy = self.call(sample, timestep, all_rows, rows=rows, capture=capture)
         if energy is not None and self.cuda_graphs:
             energy = energy.clone()
         return list(output.chunk(copies)), energy

@@ -49,10 +49,10 @@ class GuidedOutput:
     """Result of `guided_generate`.
 
     images: PIL images (or the `output_type` diffusers gives); energies: [steps, B]
-    float32 SoftIoU of each step's maps; grad_norms: [steps, B] ||dE/dz_t||_2 (0 on
-    unguided steps); applied: bool [steps, B], whether guidance was added; maps:
-    AttributionMaps summed over all steps of the chosen half (None if
-    return_maps=False); settings: the resolved GuidanceSettings.
+    float32 SoftIoU of each step's maps (NaN where record_energies=False skipped it);
+    grad_norms: [steps, B] ||dE/dz_t||_2 (0 on unguided steps); applied: bool [steps, B],
+    whether guidance was added; maps: AttributionMaps summed over all steps of the chosen
+    half (None if return_maps=False); settings: the resolved GuidanceSettings.
     """
 
     images: list
@@ -214,14 +214,21 @@ def _energy_unchecked(step_maps, a, b, size, settings, q) -> torch.Tensor:
     return ops.soft_iou(masks[:batch], masks[batch:], settings.eps)
 
 
-def _require_finite(energies: torch.Tensor) -> None:
-    """Raise naming the first step whose energy is NaN; energies: [steps, B] (one host sync).
+def _require_finite(energies: torch.Tensor, steps: list[int] | None = None) -> None:
+    """Raise naming the first of `steps` (default all) whose energy is NaN; energies:
+    [steps, B] (one host sync).
 
     A NaN energy means NaN attribution maps (soft top-k and SoftIoU stay finite on any
     finite maps), so the denoiser produced NaN."""
+    if steps is not None:
+        steps = [step for step in steps if step < energies.shape[0]]
+        if not steps:
+            return
+        energies = energies[steps]
     bad = torch.isnan(energies).flatten(1).any(dim=1)
     if bool(bad.any()):
         step = int(bad.nonzero()[0, 0])
+        step = steps[step] if steps is not None else step
         raise ValueError(
             f"the guidance energy is NaN at step {step}: the attribution maps contain NaN, so "
             "the denoiser produced NaN (in float16, try float32 or a smaller lambda_)"
@@ -298,6 +305,7 @@ def guided_generate(
     output_type: str = "pil",
     compile: bool | str = False,
     cfg_batch: str = "auto",
+    record_energies: bool = True,
 ) -> GuidedOutput:
     """Generate with BiasMap's energy guidance (Algorithm 1) and record the run's maps.
 
@@ -325,6 +333,9 @@ def guided_generate(
     The first steps compile (seconds to minutes); see biasmap.mitigation.compiled.
     cfg_batch: "auto" ("batched" on CUDA, "split" elsewhere), "split" (the guided CFG half
     alone with autograd) or "batched" (one forward over the whole CFG batch with autograd).
+    record_energies: False lets unguided steps skip the map capture and the energy when
+    return_maps is False too (their energies are then NaN): exactly diffusers' step, for
+    plain sampling at diffusers' speed.
     Returns GuidedOutput: images, energies [steps, B], grad_norms [steps, B], maps.
     """
     _check_arguments(lambda_, q, preset, num_inference_steps)
@@ -407,11 +418,12 @@ def guided_generate(
                 all_rows=all_rows,
                 sega=sega,
                 guided=guided,
+                capture_plain=record_energies or return_maps,
                 # Host-side constants, read before the loop so that no step reads a tensor back.
                 scales=[lambda_ * adapter.guidance_factor(t) for t in timesteps.cpu()]
                 if guided
                 else [],
-                energies=torch.zeros(num_steps, batch, device=device),
+                energies=torch.full((num_steps, batch), float("nan"), device=device),
                 grad_norms=torch.zeros(num_steps, batch, device=device),
                 applied=torch.zeros(num_steps, batch, dtype=torch.bool, device=device),
             )
@@ -420,8 +432,8 @@ def guided_generate(
                 output = _step_output(run, step, t, latents)
                 latents = scheduler.step(output, t, latents, **step_kwargs, return_dict=False)[0]
                 if (step + 1) % NAN_CHECK_EVERY == 0:
-                    _require_finite(run.energies[: step + 1])
-            _require_finite(run.energies)
+                    _require_finite(run.energies[: step + 1], run.recorded_steps)
+            _require_finite(run.energies, run.recorded_steps)
             maps = None
             if return_maps:
                 final_size = None  # map_size, else the largest attention resolution
@@ -461,8 +473,15 @@ class _Run:
     all_rows: Conditioning
     sega: SemanticGuidance | None
     guided: set[int]
+    capture_plain: bool  # whether unguided steps capture maps and record their energy
     scales: list[float]  # lambda * guidance factor, per step
-    energies: torch.Tensor  # [steps, B] float32
+    energies: torch.Tensor  # [steps, B] float32, NaN where not recorded
+
+    @property
+    def recorded_steps(self) -> list[int]:
+        steps = range(self.energies.shape[0])
+        return [step for step in steps if self.capture_plain or step in self.guided]
+
     grad_norms: torch.Tensor  # [steps, B] float32
     applied: torch.Tensor  # [steps, B] bool
 
@@ -483,12 +502,15 @@ def _step_output(run: _Run, step: int, t, latents: torch.Tensor) -> torch.Tensor
         rows = slice(None)
         if use_cfg:
             rows = slice(batch, 2 * batch) if settings.cfg_half == "cond" else slice(0, batch)
-        outputs, energy = run.runner.plain(latents, t, run.all_rows, rows)
+        outputs, energy = run.runner.plain(
+            latents, t, run.all_rows, rows, capture=run.capture_plain
+        )
     else:
         outputs, energy, grad = run.runner.guided(
             latents, t, run.cond, run.uncond, run.edits, settings.cfg_half
         )
-    run.energies[step] = energy.detach().float()
+    if energy is not None:
+        run.energies[step] = energy.detach().float()
     if use_cfg:
         out_uncond, out_cond, out_edits = outputs[0], outputs[1], outputs[2:]
         guidance = settings.guidance_scale * (out_cond - out_uncond)
