@@ -271,7 +271,7 @@ class Trace:
 
     # ------------------------------------------------------------------ setup / teardown
 
-    def _encode_attribution_prompt(self) -> torch.Tensor:
+    def _encode_attribution_prompt(self, device: torch.device) -> torch.Tensor:
         """P''s encoder hidden states [1, L, D], encoded as the pipeline encodes prompts.
 
         With softmax_over="prompt" only P''s real tokens (start- through end-of-text) take
@@ -281,7 +281,6 @@ class Trace:
         no padding to mask: the same maps, for a fraction of the text encoder's and the
         slice's cost. "padded" encodes all 77 positions.
         """
-        device = self.pipe._execution_device
         length = (
             self.tokens.num_real_tokens if self.softmax_over == "prompt" else self.tokens.num_keys
         )
@@ -320,6 +319,7 @@ class Trace:
             raise RuntimeError(
                 "this trace is already active; create a new biasmap.trace(...) per with-block"
             )
+        # One read: diffusers' _execution_device walks every module's hooks (tens of ms on SD1.5).
         device = self.pipe._execution_device
         mean_matrix = None
         if any(len(p) > 1 for p in self.tokens.positions):
@@ -329,7 +329,7 @@ class Trace:
             mean_matrix=mean_matrix,
             # The keys hold exactly the softmax domain (see _encode_attribution_prompt): no mask.
             key_mask=None,
-            text_states=self._encode_attribution_prompt(),
+            text_states=self._encode_attribution_prompt(device),
             layers_per_block=dict(Counter(key for key, _ in self._layers)),
         )
         self._entered = True
