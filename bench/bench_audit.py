@@ -282,13 +282,14 @@ def bench_ray(quick: bool, device: str) -> tuple[list[dict], list[list[str]]]:
     return rows, table
 
 
-def bench_gpu_batch(quick: bool, batches: list[int]):
+def bench_gpu_batch(quick: bool, batches: list[int], compiled_batches: list[int] | None = None):
     """(csv rows, table rows, device): images/s of plain and guided generation per batch size.
 
     On CUDA: random SD1.5 weights, fp16, 64x64 latent (512 px), 10 steps; eager and compiled
     ("reduce-overhead"). Without CUDA, or with quick: the tiny model on CPU, 2 steps, batch
     1 and 2, eager only (smoke). A batch that runs out of memory ends the sweep for its
-    provider and is reported as "OOM".
+    provider and is reported as "OOM". Compiled runs use `compiled_batches` (default: the
+    largest of `batches`): every batch shape compiles its own graphs (a minute or more each).
     """
     from biasmap.mitigation import guided_generate
 
@@ -306,7 +307,10 @@ def bench_gpu_batch(quick: bool, batches: list[int]):
     for compile_mode in modes:
         for lambda_, kind in ((0.0, "plain"), (100.0, "guided")):
             provider = f"{kind}:{'compiled' if compile_mode else 'eager'}"
-            for batch in batches:
+            sizes = batches
+            if compile_mode:
+                sizes = compiled_batches or [max(batches)]
+            for batch in sizes:
 
                 def generate(batch=batch, lambda_=lambda_, compile_mode=compile_mode):
                     return guided_generate(
@@ -374,6 +378,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--batches", default="1,4,8,16", help="gpu-batch: comma list of batch sizes"
     )
+    parser.add_argument(
+        "--compiled-batches",
+        default=None,
+        help="gpu-batch: batch sizes compiled (default: largest)",
+    )
     parser.add_argument("--repeats", type=int, default=7, help="tiny-batch rounds")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
     parser.add_argument("--threads", type=int, default=1, help="tiny-batch torch threads")
@@ -432,7 +441,10 @@ def main(argv: list[str] | None = None) -> None:
         )
     if "gpu-batch" in cases:
         batches = [int(b) for b in args.batches.split(",")]
-        case_rows, table, gpu_device = bench_gpu_batch(args.quick, batches)
+        compiled = (
+            [int(b) for b in args.compiled_batches.split(",")] if args.compiled_batches else None
+        )
+        case_rows, table, gpu_device = bench_gpu_batch(args.quick, batches, compiled)
         rows += case_rows
         case_devices["gpu-batch"] = gpu_device
         sections["gpu-batch"] = (
