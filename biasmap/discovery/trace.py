@@ -260,6 +260,7 @@ class Trace:
         self._unet_hook = None
         self._unet_post_hook = None
         self._compile = compile
+        self._device = None  # the execution device when the caller knows it (guided sampling)
         self._entered = False
         # Per generation: names of the captured blocks, step counter, steps captured.
         self._names: dict[str, str] = {}
@@ -319,8 +320,9 @@ class Trace:
             raise RuntimeError(
                 "this trace is already active; create a new biasmap.trace(...) per with-block"
             )
-        # One read: diffusers' _execution_device walks every module's hooks (tens of ms on SD1.5).
-        device = self.pipe._execution_device
+        # At most one read: diffusers' _execution_device walks every module's hooks (16 ms on
+        # the tiny pipeline on this CPU, more on SD1.5).
+        device = self._device if self._device is not None else self.pipe._execution_device
         mean_matrix = None
         if any(len(p) > 1 for p in self.tokens.positions):
             mean_matrix = self.tokens.mean_matrix(device=device)

@@ -371,6 +371,7 @@ def guided_generate(
         blocks=blocks,
         map_size=map_size,
     )
+    capture._device = adapter.device  # the adapter has read it already
     if len(capture.concepts) != 2:
         raise ValueError(
             f"concepts must be two words of the attribution prompt (demographic, semantic), got "
@@ -577,6 +578,7 @@ def step_energy(
     capture = _StepCapture(
         pipe, attribution_prompt, concepts, cfg_half="cond", blocks=blocks, map_size=map_size
     )
+    capture._device = adapter.device
     with capture, torch.no_grad():
         capture.begin(1, adapter.latent_grid(latents))
         energy, grad, _ = capture.energy_and_grad(
