@@ -29,14 +29,14 @@ def pipe():
     return tiny_sd(0)
 
 
-def _generate(pipe, **kwargs):
+def _generate(pipe, steps=2, **kwargs):
     kwargs.setdefault("lambda_", 100.0)
     return guided_generate(
         pipe,
         P,
         A,
         CONCEPTS,
-        num_inference_steps=2,
+        num_inference_steps=steps,
         output_type="latent",
         generator=torch.Generator().manual_seed(3),
         **kwargs,
@@ -115,13 +115,12 @@ def test_the_trace_compiles_the_unet_forward_and_keeps_the_maps(pipe, monkeypatc
 
 
 def test_split_and_batched_cfg_give_the_same_step(pipe):
-    """The two structures compute the same energy and gradient (up to the batch's rounding:
-    exact math, float32 sums in another order, grown by one guided step at step 1)."""
-    split = _generate(pipe, cfg_batch="split")
-    batched = _generate(pipe, cfg_batch="batched")
+    """The two structures compute the same energy, gradient and step (one step, so that only
+    the batch's float32 rounding separates them)."""
+    split = _generate(pipe, steps=1, cfg_batch="split")
+    batched = _generate(pipe, steps=1, cfg_batch="batched")
     torch.testing.assert_close(batched.energies, split.energies, atol=1e-5, rtol=0)
-    torch.testing.assert_close(batched.grad_norms[0], split.grad_norms[0], atol=0, rtol=1e-4)
-    torch.testing.assert_close(batched.grad_norms, split.grad_norms, atol=0, rtol=2e-3)
+    torch.testing.assert_close(batched.grad_norms, split.grad_norms, atol=0, rtol=1e-4)
     torch.testing.assert_close(batched.images, split.images, atol=1e-4, rtol=1e-4)
 
 
