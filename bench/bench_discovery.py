@@ -2,8 +2,20 @@
 
 Cases (DESIGN.md section 3 explains the sizes):
   tiny      tiny_sd, 16x16 latent (128 px), 5 steps, CPU fp32
+  tiny-sd3, tiny-flux  the tiny MM-DiTs, 8x8 latent (64 px), 5 steps, CPU fp32 (for Flux,
+            guidance_scale is its guidance embedding; it has no CFG batch)
   sd15-cpu  the full SD1.5 architecture, random weights, 32x32 latent (256 px), 2 steps, CPU fp32
   sd15-gpu  the same at a 64x64 latent (512 px), fp16, on CUDA (only when a GPU is present)
+  mid-sd3, mid-flux  a width-256 random MM-DiT with the tiny text encoders (bench/dit_cases.py)
+            at a 64x64 latent (512 px): 1024 image tokens against 333 (SD3) or 512 (Flux) text
+            tokens, the ratio of real generations, 3 steps, CPU fp32
+  sd35m-gpu, flux-dev-gpu  the released SD3.5-medium / Flux.1-dev transformers (random
+            weights, bf16) at a 128x128 latent (1024 px), 28 steps, on CUDA only
+
+On the MM-DiTs the attribution prompt differs from the generation prompt, so the trace runs
+P' as a side stream through every block; "traced_in_prompt" traces the generation prompt
+itself (concepts "face" and "firefighter": the in-prompt keys, no side stream), which
+separates the side stream's cost from the rest of the trace's.
 
 Every case uses CFG 7.5, batch 1 and output_type="latent" (no VAE decode, which would dilute the
 overhead). "traced" times the whole `with biasmap.trace(...): pipe(...)` block plus `tr.maps()`:
@@ -36,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
+from dit_cases import dit_pipeline  # noqa: E402
 
 import biasmap  # noqa: E402
 from biasmap import models  # noqa: E402
@@ -43,11 +56,29 @@ from biasmap import models  # noqa: E402
 PROMPT = "A photo of the face of a firefighter"
 ATTRIBUTION = "A photo of the face of a firefighter and gender"
 CONCEPTS = ["gender", "firefighter"]
+IN_PROMPT_CONCEPTS = ["face", "firefighter"]  # words of PROMPT itself
 RESULTS = Path(__file__).resolve().parent / "results" / "discovery.csv"
 
 CASES = {
     # name: (builder, latent side, steps, dtype, device, default repeats)
     "tiny": (lambda dtype, device: models.tiny_sd(0).to(device), 16, 5, torch.float32, "cpu", 9),
+    # MM-DiTs: 8x8 latent (64 px, a 4x4 token grid), T5 stream at the pipelines' default length.
+    "tiny-sd3": (
+        lambda dtype, device: models.tiny_sd3(0).to(device),
+        8,
+        5,
+        torch.float32,
+        "cpu",
+        9,
+    ),
+    "tiny-flux": (
+        lambda dtype, device: models.tiny_flux(0).to(device),
+        8,
+        5,
+        torch.float32,
+        "cpu",
+        9,
+    ),
     "sd15-cpu": (
         lambda dtype, device: models.random_sd15(0, dtype=dtype, device=device),
         32,
@@ -55,6 +86,38 @@ CASES = {
         torch.float32,
         "cpu",
         3,
+    ),
+    "mid-sd3": (
+        lambda dtype, device: dit_pipeline("sd3", "mid", dtype, device),
+        64,
+        3,
+        torch.float32,
+        "cpu",
+        5,
+    ),
+    "mid-flux": (
+        lambda dtype, device: dit_pipeline("flux", "mid", dtype, device),
+        64,
+        3,
+        torch.float32,
+        "cpu",
+        5,
+    ),
+    "sd35m-gpu": (
+        lambda dtype, device: dit_pipeline("sd3", "full", dtype, device),
+        128,
+        28,
+        torch.bfloat16,
+        "cuda",
+        5,
+    ),
+    "flux-dev-gpu": (
+        lambda dtype, device: dit_pipeline("flux", "full", dtype, device),
+        128,
+        28,
+        torch.bfloat16,
+        "cuda",
+        5,
     ),
     "sd15-gpu": (
         lambda dtype, device: models.random_sd15(0, dtype=dtype, device=device),
@@ -116,30 +179,37 @@ def run_case(name: str, repeats: int | None, steps: int | None) -> list[dict]:
         generator = torch.Generator(device="cpu").manual_seed(0)
         return pipe(PROMPT, generator=generator, **call).images
 
-    def traced(**trace_kwargs):
+    def traced(attribution=ATTRIBUTION, concepts=CONCEPTS, **trace_kwargs):
         generator = torch.Generator(device="cpu").manual_seed(0)
-        with biasmap.trace(pipe, ATTRIBUTION, CONCEPTS, **trace_kwargs) as tr:
+        with biasmap.trace(pipe, attribution, concepts, **trace_kwargs) as tr:
             latents = pipe(PROMPT, generator=generator, **call).images
         return latents, tr, tr.maps()
+
+    def traced_in_prompt():
+        return traced(PROMPT, IN_PROMPT_CONCEPTS)
+
+    runners = [("plain", plain), ("traced", traced)]
+    if hasattr(pipe, "transformer"):  # MM-DiTs: also without the side stream
+        runners.append(("traced_in_prompt", traced_in_prompt))
 
     # Warm-up (lazy initialisations, allocator) and equality check.
     with torch.inference_mode():
         reference = plain()
         latents, tr, maps = traced()
     identical = bool(torch.equal(reference, latents))
-    plain_times, traced_times, plain_cpu, traced_cpu = [], [], [], []
+    times = {label: [] for label, _ in runners}
+    cpu_times = {label: [] for label, _ in runners}
     with torch.inference_mode():
+        if len(runners) > 2:
+            runners[2][1]()  # its warm-up
         for _ in range(repeats):
-            for runner, times, cpu_times in (
-                (plain, plain_times, plain_cpu),
-                (traced, traced_times, traced_cpu),
-            ):
+            for label, runner in runners:
                 synchronize(device)
                 start, start_cpu = time.perf_counter(), time.process_time()
                 runner()
                 synchronize(device)
-                times.append(time.perf_counter() - start)
-                cpu_times.append(time.process_time() - start_cpu)
+                times[label].append(time.perf_counter() - start)
+                cpu_times[label].append(time.process_time() - start_cpu)
         reset_peak(device)
         plain()
         synchronize(device)
@@ -149,20 +219,18 @@ def run_case(name: str, repeats: int | None, steps: int | None) -> list[dict]:
         synchronize(device)
         traced_peak = peak_mib(device)
         one_step_bytes = traced(timesteps=[0])[1].captured_bytes
-    ratios = [t / p for p, t in zip(plain_times, traced_times, strict=True)]
-    # CPU seconds of this process: on a shared machine they track the work done far better
-    # than wall time, which other processes' load inflates at random.
-    cpu_ratios = [t / p for p, t in zip(plain_cpu, traced_cpu, strict=True)]
+    series = []
+    for suffix, values, unit in (("", times, "s"), ("_cpu_time", cpu_times, "cpu-s")):
+        # CPU seconds of this process: on a shared machine they track the work done far
+        # better than wall time, which other processes' load inflates at random.
+        series.append((f"plain{suffix}", values["plain"], unit))
+        for label, _ in runners[1:]:
+            ratios = [t / p for p, t in zip(values["plain"], values[label], strict=True)]
+            series.append((f"{label}{suffix}", values[label], unit))
+            series.append((f"{label}/plain{suffix}", ratios, "ratio"))
     size = f"{name}:{latent}x{latent}:{steps}steps:b1:{str(dtype).replace('torch.', '')}"
     rows = []
-    for provider, values, unit in (
-        ("plain", plain_times, "s"),
-        ("traced", traced_times, "s"),
-        ("traced/plain", ratios, "ratio"),
-        ("plain_cpu_time", plain_cpu, "cpu-s"),
-        ("traced_cpu_time", traced_cpu, "cpu-s"),
-        ("traced/plain_cpu_time", cpu_ratios, "ratio"),
-    ):
+    for provider, values, unit in series:
         p50, p20, p80 = quantiles(values)
         rows.append(
             dict(
@@ -221,8 +289,9 @@ def main() -> None:
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
-    if any(CASES[c][4] == "cuda" for c in cases) and not torch.cuda.is_available():
-        parser.error("the sd15-gpu case needs CUDA")
+    on_gpu = [c for c in cases if CASES[c][4] == "cuda"]
+    if on_gpu and not torch.cuda.is_available():
+        parser.error(f"the case(s) {on_gpu} need CUDA")
 
     all_rows = []
     for case in cases:

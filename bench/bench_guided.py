@@ -22,7 +22,19 @@ Providers, all on the same pipeline, latents and steps:
 
 Cases: tiny (the offline tiny pipeline), sd15-cpu (SD1.5 architecture with random
 weights, 32x32 latent, 2 steps, fp32) and sd15-gpu (64x64 latent, fp16, when CUDA is
-present). Time per step = wall time of a whole generation (output_type="latent", so no
+present).
+
+MM-DiT cases (bench/dit_cases.py builds the pipelines): tiny-sd3 and tiny-flux (64 px),
+mid-sd3 and mid-flux (a width-256 transformer at 512 px: 1024 image tokens, the token
+ratio of real generations), sd35m-gpu and flux-dev-gpu (the released SD3.5-medium and
+Flux.1-dev transformers, random weights, bf16, CUDA only). Providers: pipeline (the
+diffusers pipeline's own call), plain (guided_generate at lambda_=0: the same images,
+plus the maps and energy of every step), guided (every block) and guided@joint-0 (the
+first block only: the backward stops there); ratios are against pipeline. The authors'
+code has no MM-DiT path, so there is no naive provider. SD3 runs CFG 7.5; Flux its
+guidance embedding (3.5) without a CFG batch.
+
+Time per step = wall time of a whole generation (output_type="latent", so no
 VAE decode) / steps. Peak memory is measured over one generation with
 bench/_common.peak_memory_bytes (CPU: profiler allocation events; CUDA: allocator
 peak), above what was live before it, so the model weights are not counted; the
@@ -81,6 +93,17 @@ CASES = {
         "cuda",
         3,
     ),
+}
+
+# name: (family, size, image side in pixels, steps, dtype, device, repeats)
+DIT_CASES = {
+    "tiny-sd3": ("sd3", "tiny", 64, 5, torch.float32, "cpu", 5),
+    "tiny-flux": ("flux", "tiny", 64, 5, torch.float32, "cpu", 5),
+    "mid-sd3": ("sd3", "mid", 512, 2, torch.float32, "cpu", 3),
+    "mid-flux": ("flux", "mid", 512, 2, torch.float32, "cpu", 3),
+    "sd35m-gpu": ("sd3", "full", 1024, 10, torch.bfloat16, "cuda", 3),
+    # Flux.1-dev's backward through all 57 blocks at 1024 px would not fit 80 GB.
+    "flux-dev-gpu": ("flux", "full", 512, 10, torch.bfloat16, "cuda", 3),
 }
 
 
@@ -308,6 +331,128 @@ def run_case(
     return rows
 
 
+def run_dit_case(name: str, repeats: int | None) -> list[dict]:
+    """plain / guided / guided@joint-0 on an SD3 or Flux pipeline (DIT_CASES)."""
+    from dit_cases import dit_pipeline
+
+    family, size_name, side, steps, dtype, device, default_repeats = DIT_CASES[name]
+    repeats = repeats or default_repeats
+    pipe = dit_pipeline(family, size_name, dtype, device)
+
+    def ours(**kwargs):
+        return guided_generate(
+            pipe,
+            PROMPT,
+            ATTRIBUTION,
+            list(CONCEPTS),
+            num_inference_steps=steps,
+            generator=torch.Generator(device="cpu").manual_seed(0),
+            height=side,
+            width=side,
+            output_type="latent",
+            **kwargs,
+        )
+
+    cfg = {"guidance_scale": 7.5} if family == "sd3" else {}  # Flux: its default 3.5
+
+    def pipeline():
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        return pipe(
+            PROMPT,
+            num_inference_steps=steps,
+            generator=generator,
+            height=side,
+            width=side,
+            output_type="latent",
+            **cfg,
+        ).images
+
+    providers = {
+        "pipeline": pipeline,
+        "plain": lambda: ours(lambda_=0.0, return_maps=False),
+        "guided": lambda: ours(lambda_=100.0),
+        "guided@joint-0": lambda: ours(lambda_=100.0, blocks=["joint-0"]),
+    }
+    weights = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
+    seconds, cpu_seconds = _time_alternating(providers, repeats, steps, device)
+    peaks = {
+        provider: _common.peak_memory_bytes(call, torch.device(device))
+        for provider, call in providers.items()
+    }
+    latent = side // pipe.vae_scale_factor
+    size = f"{name}:{latent}x{latent}:{steps}steps:b1:{str(dtype).removeprefix('torch.')}"
+    label, versions = _common.device_name(torch.device(device)), _common.versions()
+    rows = []
+    for provider in providers:
+        for kernel, values, unit in (
+            ("guided_step", seconds, "ms"),
+            ("guided_step_cpu_time", cpu_seconds, "cpu-ms"),
+        ):
+            if kernel == "guided_step_cpu_time" and device == "cuda":
+                continue
+            p50, p20, p80 = (_p(values[provider], q) * 1e3 for q in _common.QUANTILES)
+            rows.append(_row(kernel, provider, "step", size, p50, p20, p80, unit, label, versions))
+            # The ratio of each alternating pair, so drift in machine load cancels out.
+            ratios = [
+                mine / base for mine, base in zip(values[provider], values["pipeline"], strict=True)
+            ]
+            r50, r20, r80 = (_p(ratios, q) for q in _common.QUANTILES)
+            rows.append(
+                _row(
+                    kernel,
+                    f"{provider}/pipeline",
+                    "step",
+                    size,
+                    r50,
+                    r20,
+                    r80,
+                    "ratio",
+                    label,
+                    versions,
+                )
+            )
+        for kind, nbytes in (
+            ("peak", peaks[provider]),
+            ("peak+weights", peaks[provider] + weights),
+        ):
+            mb = nbytes / _common.BYTES_PER_MB
+            rows.append(
+                _row(
+                    "guided_memory",
+                    f"{provider}:{kind}",
+                    "e2e",
+                    size,
+                    mb,
+                    mb,
+                    mb,
+                    "MB",
+                    label,
+                    versions,
+                )
+            )
+    return rows
+
+
+def _time_alternating(providers, repeats: int, steps: int, device: str):
+    """Per-step wall and process-CPU seconds of each provider, the providers taking turns
+    in every repeat (after one warm-up call each)."""
+    for call in providers.values():
+        call()
+    seconds = {provider: [] for provider in providers}
+    cpu_seconds = {provider: [] for provider in providers}
+    for _ in range(repeats):
+        for provider, call in providers.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            call()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds[provider].append((time.perf_counter() - start) / steps)
+            cpu_seconds[provider].append((time.process_time() - start_cpu) / steps)
+    return seconds, cpu_seconds
+
+
 def _p(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -330,7 +475,9 @@ def _row(kernel, provider, mode, size, p50, p20, p80, unit, device, versions) ->
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default="tiny,sd15-cpu", help="comma list of " + ",".join(CASES))
+    parser.add_argument(
+        "--cases", default="tiny,sd15-cpu", help="comma list of " + ",".join([*CASES, *DIT_CASES])
+    )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
@@ -346,15 +493,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    for name in args.cases.split(","):
-        if CASES[name][4] == "cuda" and not torch.cuda.is_available():
+    names = [name.strip() for name in args.cases.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CASES and name not in DIT_CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {[*CASES, *DIT_CASES]}")
+    for name in names:
+        device = CASES[name][4] if name in CASES else DIT_CASES[name][5]
+        if device == "cuda" and not torch.cuda.is_available():
             print(f"skipping {name}: no CUDA device", file=sys.stderr)
             continue
         modes = []
-        if args.compile:
-            modes = ["default"] + (["reduce-overhead"] if CASES[name][4] == "cuda" else [])
+        if args.compile and name in CASES:
+            modes = ["default"] + (["reduce-overhead"] if device == "cuda" else [])
         only = set(args.providers.split(",")) if args.providers else None
-        rows += run_case(name, args.repeats, modes, only)
+        if name in CASES:
+            rows += run_case(name, args.repeats, modes, only)
+        else:
+            rows += run_dit_case(name, args.repeats)
     table = _common.markdown_table(
         ["size", "kernel", "provider", "p50", "p20", "p80", "unit"],
         [

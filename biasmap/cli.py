@@ -282,6 +282,7 @@ def generate(
         PRESET_NAMES,
         check_axis,
         check_method_blocks,
+        check_method_family,
         check_methods,
         check_model,
         parse_seeds,
@@ -301,6 +302,7 @@ def generate(
     check_choice("--dtype", dtype, DTYPES)
     check_quantile(q)
     checked("--model", check_model, model)
+    checked("--method", check_method_family, model, [method])
     checked("--method", check_method_blocks, model, [method], None)
     checked("--device", _check_device, device)
 
@@ -446,16 +448,25 @@ def report(
     config_hash: str = typer.Option(
         None, help="Report only this config hash's rows (default: all, newest per image)."
     ),
+    q: float = typer.Option(
+        None,
+        help="Re-threshold every IoU and BIoU at this mask quantile, in (0, 1), from the maps "
+        "the audit stored, into RUN_DIR/report-q<Q>/ (no regeneration; exact for unguided "
+        "methods). Default: the run's own IoU, into RUN_DIR/report/.",
+    ),
 ) -> None:
     """Write RUN_DIR/report/index.html (the paper's tables, block charts, lambda trade-off,
-    examples, FID) and a CSV per table; print the HTML path."""
+    threshold analysis, examples, FID) and a CSV per table; print the HTML path."""
     from pathlib import Path
 
     from biasmap.audit.lock import LOCK_FILE
     from biasmap.audit.runner import RUN_FILE
     from biasmap.audit.store import ResultsStore
+    from biasmap.audit.stored_maps import MissingMapsError
     from biasmap.report import write_report
 
+    if q is not None:
+        check_quantile(q)
     started = any((Path(run_dir) / name).is_file() for name in (RUN_FILE, LOCK_FILE))
     if started and not ResultsStore(run_dir).part_files():
         # An audit that has started but not committed its first batch: nothing to report yet,
@@ -469,7 +480,10 @@ def report(
             device=device,
             config_hash=config_hash,
             progress=lambda message: typer.echo(message, err=True),
+            q=q,
         )
+    except MissingMapsError as error:
+        refuse("--q", str(error))
     except (FileNotFoundError, ValueError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(code=2) from None

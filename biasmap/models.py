@@ -5,13 +5,21 @@ There is no model hub in CI or on the benchmark machines (DESIGN.md section 3), 
 - `tiny_sd` / `tiny_sdxl` build small random-weight pipelines of the real architecture
   families (SD1.x/SD2.x UNet + CLIP text encoder + KL VAE; SDXL with its two text
   encoders and micro-conditioning) for tests and the offline demo;
+- `tiny_sd3` / `tiny_flux` do the same for the MM-DiT families (SD3/SD3.5's
+  SD3Transformer2DModel with two CLIPs and a T5; Flux.1's FluxTransformer2DModel with
+  double- and single-stream blocks, guidance embedding, a CLIP and a T5);
+  `sd35_medium_transformer_config` / `flux1_dev_transformer_config` give the released
+  full-size transformer shapes for GPU benchmarks;
 - `random_sd15` builds the full SD1.5 architecture with random weights for benchmarks,
   since speed depends on shapes, not on weight values;
 - `load_pipeline` loads real weights from a hub id or a local folder and, when they are
   not available, says how to supply them.
 
-All three random builders use the real CLIP BPE tokenizer, so concept words map to the
-same token positions as with the released models.
+All random builders use the real CLIP BPE tokenizer, so concept words map to the same
+token positions as with the released models. No T5 vocabulary is available offline, so
+the tiny MM-DiT pipelines tokenise their T5 stream with the CLIP tokenizer too (their
+tiny T5 encoders have CLIP's vocabulary size); code must always take a stream's
+tokenizer from the pipeline, never assume which one it is.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ CLIP_EOS_ID = 49407
 _CLIP_NUM_MERGES = CLIP_VOCAB_SIZE - 256 * 2 - 2
 
 # Names load_pipeline accepts for the random-weight builders.
-RANDOM_MODELS = ("tiny", "tiny-sd", "tiny-sd2", "tiny-sdxl", "random-sd15")
+RANDOM_MODELS = ("tiny", "tiny-sd", "tiny-sd2", "tiny-sdxl", "tiny-sd3", "tiny-flux", "random-sd15")
 # The planted world's trained pipeline and CLIP, shipped inside the package (biasmap.world).
 PLANTED = "planted"
 PLANTED_FOLDER = Path(__file__).parent / "world" / "weights"
@@ -161,9 +169,13 @@ def _kl_vae(
     norm_num_groups=32,
     *,
     mid_block_attention: bool = True,
+    **extra_config,
 ):
     """An SD-style KL autoencoder with one level per entry of block_out_channels
-    (vae_scale_factor 2 ** (levels - 1); SD's four give 8), random weights."""
+    (vae_scale_factor 2 ** (levels - 1); SD's four give 8), random weights.
+
+    extra_config: further AutoencoderKL arguments (SD3/Flux: 16 latent channels, shift and
+    scaling factors, no quant convs)."""
     from diffusers import AutoencoderKL
 
     levels = len(block_out_channels)
@@ -174,10 +186,10 @@ def _kl_vae(
         up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=tuple(block_out_channels),
         layers_per_block=layers_per_block,
-        latent_channels=4,
         norm_num_groups=norm_num_groups,
         sample_size=sample_size,
         mid_block_add_attention=mid_block_attention,
+        **{"latent_channels": 4, **extra_config},
     )
 
 
@@ -310,6 +322,178 @@ def tiny_sdxl(seed: int = 0):
     return _eval_fp32(pipe)
 
 
+# --------------------------------------------------------------------------- MM-DiT builders
+
+# Latent channels of the SD3 and Flux VAEs (16, where SD1.x/SDXL have 4), and their
+# released scaling / shift factors, so latents are scaled exactly as with the real models.
+DIT_LATENT_CHANNELS = 16
+_SD3_VAE_FACTORS = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
+_FLUX_VAE_FACTORS = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
+# Tiny MM-DiTs make 64 px images: an 8x8 latent, i.e. a 4x4 grid of image tokens (patch 2).
+TINY_DIT_LATENT = 8
+# Their block counts, which dit_block_names reads without building them: tiny-sd3's joint
+# blocks; tiny-flux's double-stream (joint) and single-stream blocks.
+TINY_SD3_LAYERS = 3
+TINY_FLUX_LAYERS = (2, 2)
+
+
+def _tiny_dit_vae(factors: dict[str, float]):
+    # Four levels (vae_scale_factor 8) and 16 latent channels like the real SD3/Flux VAEs;
+    # they have no quant convs.
+    return _kl_vae(
+        (8, 8, 8, 8),
+        1,
+        TINY_DIT_LATENT * VAE_SCALE_FACTOR,
+        norm_num_groups=4,
+        latent_channels=DIT_LATENT_CHANNELS,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        **factors,
+    )
+
+
+def _tiny_t5(d_model: int):
+    """A two-layer random T5 encoder over CLIP's vocabulary (the offline stand-in for T5's)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=CLIP_VOCAB_SIZE,
+            d_model=d_model,
+            d_kv=8,
+            d_ff=2 * d_model,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, as SD3 and Flux use
+            is_encoder_decoder=False,
+            pad_token_id=0,
+            eos_token_id=CLIP_EOS_ID,
+        )
+    )
+
+
+def _t5_stand_in_tokenizer(max_length: int):
+    """The CLIP tokenizer standing in for T5's, allowed the T5 stream's full length."""
+    tokenizer = clip_tokenizer("!")
+    tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def tiny_sd3(seed: int = 0):
+    """A small random-weight StableDiffusion3Pipeline (CPU, fp32), deterministic per seed.
+
+    SD3.5's structure: an SD3Transformer2DModel of 3 MM-DiT blocks (width 32, 2 heads of
+    16, RMS q/k norms, a dual-attention first block like SD3.5-medium, the last block
+    context_pre_only), patch 2; two CLIP text encoders with projection (penultimate
+    states 16 + 16 concatenated, pooled 16 + 16) and a T5 encoder (d_model 32) whose
+    sequence follows the CLIP one in the joint text stream; a 16-channel VAE; the flow-
+    matching Euler scheduler with SD3's shift 3. Latent 8x8 (64 px): a 4x4 token grid.
+    The T5 stream is tokenised with the CLIP tokenizer (no T5 vocabulary offline).
+    """
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        transformer = SD3Transformer2DModel(
+            sample_size=TINY_DIT_LATENT,
+            patch_size=2,
+            in_channels=DIT_LATENT_CHANNELS,
+            num_layers=TINY_SD3_LAYERS,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            caption_projection_dim=32,
+            pooled_projection_dim=32,
+            out_channels=DIT_LATENT_CHANNELS,
+            pos_embed_max_size=16,
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        )
+        text_encoder = CLIPTextModelWithProjection(_clip_text_config(16, 2, 2, proj=16))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _clip_text_config(16, 2, 2, act="gelu", proj=16)
+        )
+        text_encoder_3 = _tiny_t5(32)
+        vae = _tiny_dit_vae(_SD3_VAE_FACTORS)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer("<|endoftext|>"),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer("!"),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=_t5_stand_in_tokenizer(256),
+    )
+    return _eval_fp32(pipe)
+
+
+def tiny_flux(seed: int = 0):
+    """A small random-weight FluxPipeline (CPU, fp32), deterministic per seed.
+
+    Flux.1-dev's structure: a FluxTransformer2DModel with 2 double-stream and 2 single-
+    stream blocks (width 32, 2 heads of 16, rotary axes 4+6+6), the guidance embedding
+    (guidance-distilled, no true CFG by default); a CLIP text encoder that gives only the
+    pooled embedding (16) and a T5 encoder (d_model 32) that gives the token stream; a
+    16-channel VAE whose latents are packed 2x2; the flow-matching Euler scheduler with
+    Flux's resolution-dependent shift. Default 64 px (latent 8x8, a 4x4 token grid);
+    the T5 stream is tokenised with the CLIP tokenizer (no T5 vocabulary offline).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4 * DIT_LATENT_CHANNELS,  # 2x2 packed latent patches
+            num_layers=TINY_FLUX_LAYERS[0],
+            num_single_layers=TINY_FLUX_LAYERS[1],
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=16,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        )
+        text_encoder = CLIPTextModel(_clip_text_config(16, 2, 2))
+        text_encoder_2 = _tiny_t5(32)
+        vae = _tiny_dit_vae(_FLUX_VAE_FACTORS)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer("<|endoftext|>"),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=_t5_stand_in_tokenizer(512),
+        transformer=transformer,
+    )
+    # FluxPipeline's default size is default_sample_size * vae_scale_factor (1024 px for
+    # the real model); the tiny one defaults to 64 px.
+    pipe.default_sample_size = TINY_DIT_LATENT
+    return _eval_fp32(pipe)
+
+
 def sd15_unet():
     """SD1.5's UNet2DConditionModel (859.5M parameters), randomly initialised."""
     from diffusers import UNet2DConditionModel
@@ -368,6 +552,85 @@ def random_sd15(
     if dtype != torch.float32:
         pipe = pipe.to(dtype=dtype)
     return pipe.to(device)
+
+
+def sd35_medium_transformer_config() -> dict[str, Any]:
+    """SD3.5-medium's SD3Transformer2DModel config (2.24B parameters; MMDiT-X: dual
+    attention in the first 13 of 24 blocks, RMS q/k norms), as released.
+
+    For GPU benchmarks: `SD3Transformer2DModel(**sd35_medium_transformer_config())` builds
+    it with random weights (speed depends on shapes, not values). Never build it in tests.
+    """
+    return {
+        "sample_size": 128,
+        "patch_size": 2,
+        "in_channels": 16,
+        "num_layers": 24,
+        "attention_head_dim": 64,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "caption_projection_dim": 1536,
+        "pooled_projection_dim": 2048,
+        "out_channels": 16,
+        "pos_embed_max_size": 384,
+        "dual_attention_layers": tuple(range(13)),
+        "qk_norm": "rms_norm",
+    }
+
+
+def flux1_dev_transformer_config() -> dict[str, Any]:
+    """Flux.1-dev's FluxTransformer2DModel config (11.9B parameters: 19 double-stream and
+    38 single-stream blocks of width 3072, guidance embedding), as released.
+
+    For GPU benchmarks only: `FluxTransformer2DModel(**flux1_dev_transformer_config())`
+    (about 24 GB in bf16). Never build it in tests.
+    """
+    return {
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "guidance_embeds": True,
+        "axes_dims_rope": (16, 56, 56),
+    }
+
+
+def random_dit_transformer(
+    family: str,
+    seed: int = 0,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cuda",
+):
+    """The full-size random-weight transformer of family "sd3.5-medium" or "flux.1-dev",
+    built directly on `device` in `dtype`, for GPU benchmarks of the denoiser's per-step
+    cost (the text encoders run once per generation and are left out)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    builders = {
+        "sd3.5-medium": (SD3Transformer2DModel, sd35_medium_transformer_config),
+        "flux.1-dev": (FluxTransformer2DModel, flux1_dev_transformer_config),
+    }
+    if family not in builders:
+        raise ValueError(f"family must be one of {sorted(builders)}, got {family!r}")
+    model_class, config = builders[family]
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = model_class(**config())
+        finally:
+            torch.set_default_dtype(default_dtype)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model.eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------- loading
@@ -456,16 +719,52 @@ def unet_layout(name_or_path: str) -> tuple[dict[str, Any], int] | None:
     return unet, scale
 
 
+def dit_block_names(name_or_path: str) -> list[str] | None:
+    """The MM-DiT block names (`joint-i`, then Flux's `single-i`, as biasmap.trace names
+    them) of what load_pipeline(name_or_path) loads, read without loading weights.
+
+    Known for tiny-sd3 / tiny-flux and local folders whose transformer/config.json is an
+    SD3Transformer2DModel or FluxTransformer2DModel config; None for UNet models, hub ids
+    and unreadable folders. Unlike a UNet's, the names do not depend on the image size.
+    """
+    import json
+
+    if name_or_path == "tiny-sd3":
+        joint, single = TINY_SD3_LAYERS, 0
+    elif name_or_path == "tiny-flux":
+        joint, single = TINY_FLUX_LAYERS
+    elif os.path.isdir(os.path.expanduser(name_or_path)):
+        folder = Path(os.path.expanduser(name_or_path))
+        try:
+            config = json.loads((folder / "transformer" / "config.json").read_text())
+            kind = config["_class_name"]
+            joint = int(config["num_layers"])
+            single = int(config.get("num_single_layers", 0))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if kind == "SD3Transformer2DModel":
+            single = 0
+        elif kind != "FluxTransformer2DModel":
+            return None
+    else:
+        return None
+    return [f"joint-{i}" for i in range(joint)] + [f"single-{i}" for i in range(single)]
+
+
 # The family of each diffusers pipeline class biasmap runs, in the words reports use.
 PIPELINE_FAMILIES = {
     "StableDiffusionPipeline": "SD1.x/SD2.x UNet",
     "StableDiffusionXLPipeline": "SDXL UNet",
+    "StableDiffusion3Pipeline": "SD3 (MM-DiT)",
+    "FluxPipeline": "Flux.1 (MM-DiT)",
 }
 _BUILDER_PIPELINES = {
     "tiny": "StableDiffusionPipeline",
     "tiny-sd": "StableDiffusionPipeline",
     "tiny-sd2": "StableDiffusionPipeline",
     "tiny-sdxl": "StableDiffusionXLPipeline",
+    "tiny-sd3": "StableDiffusion3Pipeline",
+    "tiny-flux": "FluxPipeline",
     "random-sd15": "StableDiffusionPipeline",
 }
 
@@ -477,7 +776,15 @@ def pipeline_family(pipeline_class: str) -> str:
 
 
 def model_family(name_or_path: str) -> str | None:
-    """The family of what load_pipeline(name_or_path) loads, read without loading weights.
+    """The family of what load_pipeline(name_or_path) loads, read without loading weights
+    ("SDXL UNet", "Flux.1 (MM-DiT)"); None when nothing tells (see pipeline_class_name)."""
+    class_name = pipeline_class_name(name_or_path)
+    return pipeline_family(class_name) if class_name is not None else None
+
+
+def pipeline_class_name(name_or_path: str) -> str | None:
+    """The diffusers pipeline class ("FluxPipeline") load_pipeline(name_or_path) loads, read
+    without loading weights.
 
     Known for the random-weight builders; the planted model and local folders tell by their
     model_index.json's _class_name, hub ids by the model_index.json in the local hub cache.
@@ -486,7 +793,7 @@ def model_family(name_or_path: str) -> str | None:
     import json
 
     if name_or_path in _BUILDER_PIPELINES:
-        return pipeline_family(_BUILDER_PIPELINES[name_or_path])
+        return _BUILDER_PIPELINES[name_or_path]
     index = None
     if name_or_path == PLANTED:
         index = PLANTED_FOLDER / "pipeline" / "model_index.json"
@@ -504,7 +811,7 @@ def model_family(name_or_path: str) -> str | None:
         class_name = json.loads(index.read_text())["_class_name"]
     except (AttributeError, OSError, ValueError, KeyError, TypeError):
         return None
-    return pipeline_family(class_name)
+    return class_name if isinstance(class_name, str) else None
 
 
 def planted_folder(part: str) -> Path:
@@ -583,7 +890,8 @@ def load_pipeline(
 
     name_or_path: "planted" (the planted world's trained model shipped with biasmap: 32 px
     images, v-prediction; see biasmap.world), one of RANDOM_MODELS ("tiny" = tiny_sd,
-    "tiny-sd2", "tiny-sdxl", "random-sd15"; `seed` seeds their weights), a folder saved with
+    "tiny-sd2", "tiny-sdxl", "tiny-sd3", "tiny-flux", "random-sd15"; `seed` seeds their
+    weights), a folder saved with
     `save_pretrained` / downloaded from the hub, or a hub id such as
     "stable-diffusion-v1-5/stable-diffusion-v1-5".
     local_files_only: None follows HF_HUB_OFFLINE; True never touches the network.
@@ -595,6 +903,8 @@ def load_pipeline(
         "tiny-sd": tiny_sd,
         "tiny-sd2": functools.partial(tiny_sd, variant="sd2"),
         "tiny-sdxl": tiny_sdxl,
+        "tiny-sd3": tiny_sd3,
+        "tiny-flux": tiny_flux,
     }
     if name_or_path in builders:
         pipe = builders[name_or_path](seed)

@@ -11,6 +11,14 @@ of `biasmap.audit.schema`), the images it points to and, if present, `RUN_DIR/ru
 - `tables/<table id>.csv`: every table at full precision;
 - `figures/*.png`: the charts.
 
+The threshold analysis (mIoU against the mask quantile q from 0.1 to 0.9, per method and axis)
+is measured from the attribution maps the audit stores in each row. `write_report(RUN_DIR,
+q=Q)` re-thresholds every IoU and BIoU at Q from those maps and writes `RUN_DIR/report-q<Q>/`
+instead: for unguided methods that is exactly what a fresh audit at q = Q would give; guided
+methods' images were generated with guidance at the run's own q, so theirs are the run's
+images measured at Q. A run made before maps were stored reports as before, without the
+threshold analysis, and refuses re-thresholding (biasmap.audit.stored_maps.MissingMapsError).
+
 Images are linked relative to the report folder (`../images/...`), so keep the report inside
 its run folder, or copy the images along.
 """
@@ -25,15 +33,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from biasmap.audit import metrics as audit_metrics
 from biasmap.audit import stats as audit_stats
+from biasmap.audit import stored_maps
 from biasmap.audit.metrics import GroupMetrics, Table, method_label
 from biasmap.audit.runner import RUN_FILE, lambda_text, path_component
 from biasmap.models import PLANTED, RANDOM_MODELS, model_family
 
 REPORT_FOLDER = "report"
+
+
+def report_folder(q: float | None) -> str:
+    """The report's folder inside RUN_DIR: "report", or "report-q0.5" when re-thresholded."""
+    return REPORT_FOLDER if q is None else f"{REPORT_FOLDER}-q{lambda_text(q)}"
 
 
 @dataclass(frozen=True)
@@ -325,6 +340,93 @@ def _fid_table(fid_scores) -> Table:
     )
 
 
+# --------------------------------------------------------------------------- threshold analysis
+
+
+def threshold_curves(
+    rows, stored: stored_maps.StoredMaps, grid: Sequence[float] = stored_maps.THRESHOLD_GRID
+) -> dict[tuple[str, str, float, str | None], list[float]]:
+    """mIoU at each q of `grid`, per (axis, method, lambda_, profession) and pooled (profession
+    None: the mean over professions, as the paper's tables pool).
+
+    rows: the store table whose maps `stored` decoded (same row order).
+    """
+    names = ("axis", "method", "lambda_", "profession")
+    keys = list(zip(*(rows.column(n).to_pylist() for n in names), strict=True))
+    curves: dict[tuple, list[float]] = {}
+    for q in grid:
+        sums: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0])
+        for key, iou in zip(keys, stored.metrics(q)["iou"], strict=True):
+            sums[key][0] += iou
+            sums[key][1] += 1
+        per_profession = {key: total / count for key, (total, count) in sums.items()}
+        pooled: dict[tuple, list[float]] = defaultdict(list)
+        for (axis, method, lambda_, _), value in per_profession.items():
+            pooled[(axis, method, lambda_, None)].append(value)
+        for key, value in per_profession.items():
+            curves.setdefault(key, []).append(value)
+        for key, values in pooled.items():
+            curves.setdefault(key, []).append(sum(values) / len(values))
+    return curves
+
+
+def _threshold_table(curves: dict, grid: Sequence[float]) -> Table:
+    def order(key):
+        axis, method, lambda_, profession = key
+        return (
+            audit_metrics.axis_rank(axis),
+            audit_metrics.method_rank(method),
+            lambda_,
+            profession is not None,
+            profession or "",
+        )
+
+    rows = [
+        [axis, method_label(method, lambda_), profession or "all (mean)", *values]
+        for (axis, method, lambda_, profession), values in sorted(
+            curves.items(), key=lambda item: order(item[0])
+        )
+    ]
+    return Table(
+        id="table-threshold",
+        caption="Threshold analysis: mIoU against the mask quantile q, per method and axis "
+        "(pooled: the mean over professions), measured from the stored attribution maps.",
+        columns=["axis", "method", "profession", *[f"q={q:g}" for q in grid]],
+        rows=rows,
+    )
+
+
+def _threshold_chart(
+    curves: dict, grid: Sequence[float], marks: dict[str, float], path: Path
+) -> None:
+    """One panel per axis: pooled mIoU against q, one line per method; vertical lines at the
+    quantiles in `marks` (label -> q)."""
+    plt = _pyplot()
+    axes_names = sorted({key[0] for key in curves}, key=audit_metrics.axis_rank)
+    figure, panels = plt.subplots(
+        1, len(axes_names), figsize=(4.6 * len(axes_names), 3.6), squeeze=False, sharey=True
+    )
+    for panel, axis_name in zip(panels[0], axes_names, strict=True):
+        pooled = sorted(
+            (key for key in curves if key[0] == axis_name and key[3] is None),
+            key=lambda key: (audit_metrics.method_rank(key[1]), key[2]),
+        )
+        for key in pooled:
+            panel.plot(grid, curves[key], marker="o", label=method_label(key[1], key[2]))
+        for index, (label, q) in enumerate(marks.items()):
+            panel.axvline(
+                q, color="grey", linestyle=("--", ":")[index % 2], linewidth=1, label=label
+            )
+        panel.set_title(axis_name, fontsize=10)
+        panel.set_xlabel("mask quantile q")
+        panel.set_ylim(0, 1)
+    panels[0][0].set_ylabel("mIoU (pooled over professions)")
+    panels[0][-1].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
 # --------------------------------------------------------------------------- HTML
 
 TEMPLATE = """<!DOCTYPE html>
@@ -359,6 +461,7 @@ same prompts and seeds.</p>
 ({{ models | join(", ") }}): these numbers exercise the pipeline and carry no meaning about
 bias.</p>{% endif %}
 {% for message in store_notes %}<p class="note">{{ message }}</p>{% endfor %}
+{% if rethreshold_note %}<p class="warning">{{ rethreshold_note }}</p>{% endif %}
 
 {% macro render(table) -%}
 <div class="scroll"><table id="{{ table.id }}">
@@ -410,6 +513,9 @@ interval.</p>
 {% else %}<p class="note">No method was run at two or more λ values, so there is no sweep.</p>
 {% endif %}
 
+{% if intersection_tables %}<h2>Intersectional axes</h2>
+{% for table in intersection_tables %}{{ render(table) }}{% endfor %}{% endif %}
+
 <h2>FID</h2>
 {{ render(fid_table) }}
 
@@ -425,6 +531,13 @@ alt="{{ figure.caption }}"><figcaption>{{ figure.caption }}</figcaption></figure
 <img src="{{ figure.path }}" alt="{{ figure.caption }}"><figcaption>{{ figure.caption }}
 </figcaption></figure>{% endfor %}
 {% else %}<p class="note">Skipped: every method was run at a single λ.</p>{% endif %}
+
+<h2>Threshold analysis: mIoU against q</h2>
+{% if threshold_figure %}<figure id="{{ threshold_figure.id }}">
+<img src="{{ threshold_figure.path }}" alt="{{ threshold_figure.caption }}">
+<figcaption>{{ threshold_figure.caption }}</figcaption></figure>
+<details><summary>{{ threshold_table.caption }}</summary>{{ render(threshold_table) }}</details>
+{% else %}<p class="note">{{ threshold_note }}</p>{% endif %}
 
 <h2>Examples (lowest seed per profession and method)</h2>
 {% for axis, (professions, labels, cells) in examples.items() %}
@@ -461,8 +574,13 @@ def write_report(
     device: str = "cpu",
     config_hash: str | None = None,
     progress: Callable[[str], None] | None = None,
+    q: float | None = None,
 ) -> Path:
     """Write RUN_DIR/report/index.html, its CSVs and charts; return the HTML path.
+
+    q: re-threshold every IoU and BIoU at this quantile from the stored attribution maps, and
+    write RUN_DIR/report-q<q>/ instead (raises stored_maps.MissingMapsError, a ValueError,
+    when some image has no stored maps, before writing anything).
 
     fid_weights: FID Inception weights (see biasmap.audit.fid.load_fid_inception); default:
     `fid_weights` of the run's config (RUN_DIR/run.json). fid_feature: a feature network to
@@ -477,19 +595,63 @@ def write_report(
     from biasmap.audit.fid import fid_scores
 
     run_dir = Path(run_dir)
-    store = audit_metrics.read_store(run_dir, config_hash=config_hash)
-    report_dir = run_dir / REPORT_FOLDER
+    store = audit_metrics.read_store(run_dir, config_hash=config_hash, with_maps=True)
+    rows = store.table
+    stored, threshold_note = None, None
+    try:
+        stored = stored_maps.StoredMaps(rows)
+    except stored_maps.MissingMapsError as error:
+        if q is not None:
+            raise stored_maps.MissingMapsError(
+                f"cannot re-threshold {run_dir} at q={q:g}: {error}; `biasmap report "
+                f"{run_dir}` without --q reports the IoU the run measured"
+            ) from None
+        threshold_note = f"No threshold analysis: {error}."
+    run_qs = sorted({value for value in rows.column("q").to_pylist() if value is not None})
+    rethreshold_note = None
+    if q is not None:
+        rows = stored_maps.rethresholded(rows, q, stored)
+        guided = sorted(
+            {
+                m
+                for m, lam in zip(
+                    rows.column("method").to_pylist(),
+                    rows.column("lambda_").to_pylist(),
+                    strict=True,
+                )
+                if lam > 0
+            }
+        )
+        rethreshold_note = (
+            f"IoU and BIoU re-thresholded at q = {q:g} from the stored maps (the run used "
+            f"q = {', '.join(f'{v:g}' for v in run_qs)}). Unguided methods' values are what a "
+            f"fresh run at q = {q:g} gives."
+            + (
+                f" Guided methods ({', '.join(guided)}) generated their images with guidance at "
+                "the run's q, so theirs are those images measured at the new q; their RD and "
+                "FID are the run's."
+                if guided
+                else ""
+            )
+        )
+    # Everything below measures the rows with their metrics at q; the maps are done with.
+    rows = rows.set_column(
+        rows.schema.get_field_index("maps"),
+        rows.schema.field("maps"),
+        pa.nulls(rows.num_rows, rows.schema.field("maps").type),
+    )
+    report_dir = run_dir / report_folder(q)
     (report_dir / "tables").mkdir(parents=True, exist_ok=True)
     (report_dir / "figures").mkdir(parents=True, exist_ok=True)
 
-    per_profession = audit_metrics.profession_metrics(store.table)
+    per_profession = audit_metrics.profession_metrics(rows)
     pooled = audit_metrics.pooled_metrics(per_profession)
-    per_profession, pooled = audit_stats.attach_statistics(store.table, per_profession, pooled)
+    per_profession, pooled = audit_stats.attach_statistics(rows, per_profession, pooled)
     if fid_weights is None and fid_feature is None:
         fid_weights = configured_fid_weights(run_dir)
     fid = fid_scores(
         run_dir,
-        store.table,
+        rows,
         feature=fid_feature,
         weights=fid_weights,
         device=device,
@@ -502,12 +664,13 @@ def write_report(
     lambda_tables = audit_metrics.lambda_tables(per_profession, pooled, fid.values, fid_note)
     fid_table = _fid_table(fid)
     block_tables = _block_tables(per_profession, pooled)
-    models = sorted({m for m in store.table.column("model").to_pylist() if m})
+    intersection_tables = audit_metrics.intersection_tables(rows)
+    models = sorted({m for m in rows.column("model").to_pylist() if m})
     ground_truth = None
     if PLANTED in models:
         from biasmap.world.ground_truth import audit_ground_truth
 
-        planted_rows = store.table.filter(pc.equal(store.table.column("model"), PLANTED))
+        planted_rows = rows.filter(pc.equal(rows.column("model"), PLANTED))
         ground_truth = audit_ground_truth(planted_rows, run_dir, per_profession)
     extra = ground_truth.tables if ground_truth else []
     for table in [
@@ -516,6 +679,7 @@ def write_report(
         *lambda_tables,
         fid_table,
         *block_tables,
+        *intersection_tables,
         *extra,
     ]:
         table.write_csv(report_dir / "tables" / f"{table.id}.csv")
@@ -573,6 +737,25 @@ def write_report(
             )
         )
 
+    threshold_figure, threshold_table = None, None
+    if stored is not None:
+        grid = stored_maps.THRESHOLD_GRID
+        curves = threshold_curves(rows, stored, grid)
+        threshold_table = _threshold_table(curves, grid)
+        threshold_table.write_csv(report_dir / "tables" / f"{threshold_table.id}.csv")
+        marks = {f"run's q = {v:g}": v for v in run_qs}
+        if q is not None and q not in run_qs:
+            marks[f"re-thresholded at q = {q:g}"] = q
+        name = "figures/threshold-miou.png"
+        _threshold_chart(curves, grid, marks, report_dir / name)
+        threshold_figure = Figure(
+            "fig-threshold-miou",
+            "Threshold analysis: mIoU (pooled over professions) against the mask quantile q, "
+            "per method and axis, from the stored attribution maps. Guided methods' images "
+            "were generated at the run's q.",
+            name,
+        )
+
     store_notes = []
     if store.skipped_parts:
         store_notes.append(
@@ -611,7 +794,12 @@ def write_report(
         block_tables=block_tables,
         block_figures=block_figures,
         lambda_figures=lambda_figures,
-        examples=_examples(store.table, run_dir, report_dir),
+        examples=_examples(rows, run_dir, report_dir),
+        rethreshold_note=rethreshold_note,
+        intersection_tables=intersection_tables,
+        threshold_figure=threshold_figure,
+        threshold_table=threshold_table,
+        threshold_note=threshold_note,
         n_resamples=audit_stats.N_RESAMPLES,
         random_seed=audit_stats.SEED,
         fdr=audit_stats.FDR,

@@ -228,3 +228,23 @@ def write_yaml(path: Path, data: dict) -> Path:
     """An audit config file holding `data`; returns its path."""
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def small_config(output: Path, **fields) -> dict:
+    """A grid small enough for seconds of CPU: 1 thread (2 threads on this busy 2-core box
+    can wait whole scheduler slices at every parallel region)."""
+    config = {
+        "model": "tiny",
+        "professions": ["doctor"],
+        "axes": {"gender": {"concept": "gender", "classes": ["male", "female"]}},
+        "seeds": "0-3",
+        "methods": ["sd", "biasmap"],
+        "lambdas": [100.0],
+        "steps": 2,
+        "batch_size": 2,
+        "threads": 1,
+        "clip_model": None,
+        "output": str(output),
+    }
+    config.update(fields)
+    return config

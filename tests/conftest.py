@@ -94,6 +94,22 @@ def assert_close_2x(out, ref_lowp, ref_high, atol: float, what: str = "") -> Non
     )
 
 
+# Each test module gets its own tiny MM-DiT pipelines (module scope): tests install hooks and
+# set schedulers on them, which must not leak into another module.
+@pytest.fixture(scope="module")
+def sd3():
+    from biasmap import models
+
+    return models.tiny_sd3(0)
+
+
+@pytest.fixture(scope="module")
+def flux():
+    from biasmap import models
+
+    return models.tiny_flux(0)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `slow` run only when -m names slow (pyproject's marker says CI does not run
     them by default); others skip themselves the same way (test_cuda_compile.py)."""

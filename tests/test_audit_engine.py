@@ -7,6 +7,7 @@ import csv
 import datetime
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from PIL import Image
 
 pytest.importorskip("diffusers")
 
-from audit_fixtures import write_yaml  # noqa: E402
+from audit_fixtures import small_config, write_yaml  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from biasmap.audit.config import ConfigError, load_config, parse_seeds  # noqa: E402
@@ -49,27 +50,12 @@ METRIC_COLUMNS = (
     "prompt",
     "attribution_prompt",
     "image_path",
+    # the stored attribution maps (float16 bytes), which resume must keep with their rows
+    "maps",
+    "maps_shape",
+    "maps_concepts",
+    "masks_inclusive",
 )
-
-
-def small_config(output: Path, **fields) -> dict:
-    """A grid small enough for seconds of CPU: 1 thread (2 threads on this busy 2-core box
-    can wait whole scheduler slices at every parallel region)."""
-    config = {
-        "model": "tiny",
-        "professions": ["doctor"],
-        "axes": {"gender": {"concept": "gender", "classes": ["male", "female"]}},
-        "seeds": "0-3",
-        "methods": ["sd", "biasmap"],
-        "lambdas": [100.0],
-        "steps": 2,
-        "batch_size": 2,
-        "threads": 1,
-        "clip_model": None,
-        "output": str(output),
-    }
-    config.update(fields)
-    return config
 
 
 def pixel_probs(image: Image.Image, classes: int) -> torch.Tensor:
@@ -353,12 +339,43 @@ def test_run_writes_rows_images_and_classifier_columns(tmp_path):
     assert len(raw_keys(ResultsStore(summary.run_dir))) == 6
 
 
-def test_an_sdxl_audit_runs_every_method_and_its_report_names_the_family(tmp_path):
-    from biasmap.models import tiny_sdxl
+# Per audited family: the methods run (each base, with and without guidance, and a block
+# list), the default and the targeted block lists, the diffusers pipeline's guidance scale
+# for the sd rows (7.5: the paper preset's CFG; Flux: FluxPipeline's default 3.5, its
+# distilled guidance embedding) and the family the report names.
+AUDITED_FAMILIES = {
+    "tiny-sdxl": (
+        ["sd", "biasmap", "fd", "hard", "negative+biasmap", "biasmap@down-8+up-8"],
+        ["down-8", "down-4", "up-4", "up-8"],
+        ["down-8", "up-8"],
+        7.5,
+        "SDXL UNet",
+    ),
+    "tiny-sd3": (
+        ["sd", "biasmap", "fd", "hard", "negative+biasmap", "biasmap@joint-0+joint-2"],
+        ["joint-0", "joint-1", "joint-2"],
+        ["joint-0", "joint-2"],
+        7.5,
+        "SD3 (MM-DiT)",
+    ),
+    # Flux has no true CFG: fd and negative are refused (see the test below).
+    "tiny-flux": (
+        ["sd", "biasmap", "hard+biasmap", "biasmap@joint-1+single-1"],
+        ["joint-0", "joint-1", "single-0", "single-1"],
+        ["joint-1", "single-1"],
+        3.5,
+        "Flux.1 (MM-DiT)",
+    ),
+}
+
+
+@pytest.mark.parametrize("model", list(AUDITED_FAMILIES))
+def test_an_audit_runs_every_method_of_the_family_and_its_report_names_it(model, tmp_path):
+    from biasmap.models import load_pipeline
     from biasmap.report import write_report
 
-    methods = ["sd", "biasmap", "fd", "hard", "negative+biasmap", "biasmap@down-8+up-8"]
-    fields = dict(model="tiny-sdxl", professions=["doctor", "nurse"], seeds="0-1")
+    methods, default_blocks, targeted_blocks, guidance, family = AUDITED_FAMILIES[model]
+    fields = dict(model=model, professions=["doctor", "nurse"], seeds="0-1")
     config = load_config(
         write_yaml(tmp_path / "c.yaml", small_config(tmp_path / "run", **fields, methods=methods)),
         [],
@@ -366,25 +383,34 @@ def test_an_sdxl_audit_runs_every_method_and_its_report_names_the_family(tmp_pat
     summary = run_audit(config, classifier_factory=pixel_classifier, progress=False)
     assert (summary.generated, summary.total) == (2 * 2 * len(methods),) * 2
     rows = rows_by_key(ResultsStore(summary.run_dir).read_table())
+    assert len(rows) == 2 * 2 * len(methods)
 
     def row(method, seed, lambda_=0.0):
         return rows[("doctor", "gender", seed, method, lambda_, config.config_hash)]
 
     for stored in rows.values():
-        assert stored["model"] == "tiny-sdxl" and 0.0 <= stored["iou"] <= 1.0
+        assert stored["model"] == model and 0.0 <= stored["iou"] <= 1.0
+        assert stored["guidance_scale"] == guidance
         targeted = stored["method"].startswith("biasmap@")
-        expected = ["down-8", "up-8"] if targeted else ["down-8", "down-4", "up-4", "up-8"]
-        assert stored["biou_blocks"] == expected
-    assert row("hard", 0)["prompt"] == "A photo of the face of a diverse doctor"
-    # The sd rows are the diffusers SDXL pipeline's own images (PNG-exact), batched as the
-    # audit batches seeds.
-    reference = tiny_sdxl(0)(
-        row("sd", 0)["prompt"],
-        num_images_per_prompt=2,
-        num_inference_steps=2,
-        guidance_scale=7.5,
-        generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)],
-    ).images
+        assert stored["biou_blocks"] == (targeted_blocks if targeted else default_blocks)
+    hard = next(method for method in methods if method.startswith("hard"))
+    lambda_hard = 100.0 if "+biasmap" in hard else 0.0
+    assert row(hard, 0, lambda_hard)["prompt"] == "A photo of the face of a diverse doctor"
+    # The sd rows are the diffusers pipeline's own images (PNG-exact), batched as the audit
+    # batches seeds, on as many threads as the audit used: CPU convolutions split their
+    # reductions by thread, so another thread count moves pixels by one level.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        reference = load_pipeline(model)(
+            row("sd", 0)["prompt"],
+            num_images_per_prompt=2,
+            num_inference_steps=2,
+            guidance_scale=guidance,
+            generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)],
+        ).images
+    finally:
+        torch.set_num_threads(threads)
     for seed, image in enumerate(reference):
         stored = Image.open(summary.run_dir / row("sd", seed)["image_path"])
         assert np.array_equal(np.asarray(stored), np.asarray(image))
@@ -392,7 +418,36 @@ def test_an_sdxl_audit_runs_every_method_and_its_report_names_the_family(tmp_pat
         guided = row("biasmap", seed, 100.0)
         assert guided["softiou_first"] == pytest.approx(row("sd", seed)["softiou_first"], rel=1e-5)
     html = write_report(summary.run_dir).read_text()
-    assert "model tiny-sdxl (SDXL UNet)" in html
+    assert f"model {model} ({family})" in html
+
+
+@pytest.mark.parametrize("method", ["fd", "fd+biasmap", "negative", "negative+biasmap"])
+def test_flux_audits_refuse_the_methods_that_need_true_cfg_before_loading(method, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["model=tiny-flux", f"methods=[sd, '{method}']"])
+    message = str(error.value)
+    assert len(message.splitlines()) == 2  # the header and one line for the config
+    for text in (repr(method), "Flux.1 (MM-DiT)", "'hard+biasmap'", "biasmap@<block>"):
+        assert text in message, (text, message)
+    assert "'fd'" not in message.partition("accepts")[2]  # the accepted list is what runs
+    # SD3 runs true CFG: the same methods are accepted there.
+    assert load_config(None, ["model=tiny-sd3", f"methods=[sd, '{method}']"]).methods[1] == method
+
+
+@pytest.mark.parametrize(
+    ("model", "method", "blocks"),
+    [
+        ("tiny-sd3", "biasmap@joint-3", "['joint-0', 'joint-1', 'joint-2']"),
+        ("tiny-sd3", "biasmap@down-64+up-64", "['joint-0', 'joint-1', 'joint-2']"),
+        ("tiny-flux", "biasmap@single-2", "['joint-0', 'joint-1', 'single-0', 'single-1']"),
+    ],
+)
+def test_dit_block_methods_are_checked_against_the_model_blocks(model, method, blocks):
+    with pytest.raises(ConfigError, match=r"lacks; its MM-DiT blocks are " + re.escape(blocks)):
+        load_config(None, [f"model={model}", f"methods=['{method}']"])
+    # The block names do not depend on the image size.
+    config = load_config(None, [f"model={model}", "methods=['biasmap@joint-1']", "image_size=128"])
+    assert config.methods == ["biasmap@joint-1"]
 
 
 def test_a_run_folder_of_another_experiment_is_refused(tmp_path):
@@ -497,6 +552,8 @@ def test_resume_after_sigkill_at_random_moments_gives_every_key_once(tmp_path):
 
     keys = raw_keys(store)
     assert len(keys) == len(set(keys)) == total  # every key exactly once, in the raw parts too
+    # and every key's maps once: they live in the key's row, so no part lacks or repeats them
+    assert store.read_table().column("maps").null_count == 0
 
     reference_config = load_config(killed_path, [f"output={tmp_path / 'reference'}"])
     run_audit(reference_config, classifier_factory=None, progress=False)

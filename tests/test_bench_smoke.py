@@ -192,3 +192,44 @@ def test_new_backends_are_picked_up_and_failures_reported(tmp_path, monkeypatch)
     note = 1 + len(compiled)  # the compiled cpu provider fails first, under the same ops
     assert f"| broken | - [{note}] |" in markdown
     assert f"[{note}] 2x64 / fwd / broken: error: " in markdown
+
+
+def test_the_dit_guided_case_times_every_provider_against_the_pipeline(monkeypatch):
+    from bench import bench_guided
+
+    # tiny-sd3 at 32 px and 1 step, one timed round: the rows' layout, not the figures.
+    case = ("sd3", "tiny", 32, 1, torch.float32, "cpu", 1)
+    monkeypatch.setitem(bench_guided.DIT_CASES, "tiny-sd3", case)
+    rows = bench_guided.run_dit_case("tiny-sd3", None)
+    assert all(tuple(row) == _common.CSV_COLUMNS for row in rows)
+    ratios = {row["provider"]: row for row in rows if row["kernel"] == "guided_step_cpu_time"}
+    providers = ("pipeline", "plain", "guided", "guided@joint-0")
+    assert set(ratios) == {*providers, *(f"{p}/pipeline" for p in providers)}
+    assert ratios["pipeline/pipeline"]["p50"] == 1.0
+    # Guided steps do a backward on top of the forward: process CPU time says so even on
+    # a loaded machine.
+    assert ratios["guided/pipeline"]["p50"] > 1.0
+    memory = {row["provider"] for row in rows if row["kernel"] == "guided_memory"}
+    assert memory == {f"{p}:{kind}" for p in providers for kind in ("peak", "peak+weights")}
+
+
+@pytest.mark.parametrize(
+    ("family", "blocks"),
+    [
+        ("sd3", ["joint-0", "joint-1", "joint-2", "joint-3"]),
+        ("flux", ["joint-0", "joint-1", "single-0", "single-1", "single-2", "single-3"]),
+    ],
+)
+def test_mid_size_dits_run_through_the_trace(family, blocks):
+    import biasmap
+    from bench.dit_cases import MID_HEAD_DIM, MID_WIDTH_HEADS, dit_pipeline
+
+    pipe = dit_pipeline(family, "mid")
+    assert pipe.transformer.inner_dim == MID_WIDTH_HEADS * MID_HEAD_DIM
+    generator = torch.Generator().manual_seed(0)
+    call = dict(num_inference_steps=1, height=128, width=128, output_type="latent")
+    with biasmap.trace(pipe, "a photo of a doctor and gender", ["gender", "doctor"]) as tr:
+        pipe("a photo of a doctor", generator=generator, **call)
+    maps = tr.maps()
+    assert list(maps.blocks) == blocks
+    assert tuple(maps.aggregate.shape[-2:]) == (8, 8)  # 128 px: a 16x16 latent, 8x8 tokens

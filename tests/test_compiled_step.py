@@ -57,7 +57,7 @@ def test_the_compiled_energy_and_its_gradient_equal_eager(preset):
 
     def energy(*maps):
         named = dict(zip(blocks, maps, strict=True))
-        return _energy_unchecked(named, 0, 1, (16, 16), settings, 0.7)
+        return _energy_unchecked(named, (16, 16), settings, 0.7)
 
     compiled = torch.compile(energy, dynamic=False, fullgraph=True)
     inputs = [m.clone().requires_grad_(True) for m in blocks.values()]

@@ -365,7 +365,7 @@ def test_official_energy_is_the_authors_rowwise_sinkhorn_on_raw_maps():
         "down-16": torch.rand(2, 2, 16, 16, generator=gen, dtype=torch.float64) * 3,
         "up-8": torch.rand(2, 2, 8, 8, generator=gen, dtype=torch.float64) * 3,
     }
-    energy = _energy(step_maps, 0, 1, (16, 16), PRESETS["official"], 0.7)
+    energy = _energy(step_maps, (16, 16), PRESETS["official"], 0.7)
     summed = reference.resize_aggregate(list(step_maps.values()), (16, 16))
     expected = []
     for i in range(2):
@@ -405,10 +405,10 @@ def test_official_energy_aggregates_in_two_stages_then_expands_to_64():
     }
     settings = PRESETS["official"]
     assert (settings.aggregation, settings.guidance_map_size) == ("two-stage", 64)
-    energy = _energy(step_maps, 0, 1, (64, 64), settings, 0.7)
+    energy = _energy(step_maps, (64, 64), settings, 0.7)
     expected = _authors_energy(_two_stage(list(step_maps.values()), (64, 64)))
     torch.testing.assert_close(energy, expected)
-    one_stage = _energy(step_maps, 0, 1, (64, 64), settings.override(aggregation="one-stage"), 0.7)
+    one_stage = _energy(step_maps, (64, 64), settings.override(aggregation="one-stage"), 0.7)
     assert (one_stage - expected).abs().max() > 1e-3  # the test tells the two apart
 
 

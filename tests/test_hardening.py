@@ -22,6 +22,7 @@ from PIL import Image
 
 pytest.importorskip("diffusers")
 
+from audit_fixtures import small_config as audit_small_config  # noqa: E402
 from audit_fixtures import write_yaml  # noqa: E402
 
 from biasmap.audit.config import ConfigError, load_config  # noqa: E402
@@ -42,21 +43,9 @@ ATTRIBUTION = PROMPT + " and gender"
 
 
 def small_config(output: Path, **fields) -> dict:
-    """A grid of seconds on one CPU thread: tiny model, 2 steps, no CLIP."""
-    config = {
-        "model": "tiny",
-        "professions": ["doctor"],
-        "axes": {"gender": {"concept": "gender", "classes": ["male", "female"]}},
-        "seeds": "0-1",
-        "methods": ["sd"],
-        "steps": 2,
-        "batch_size": 1,
-        "threads": 1,
-        "clip_model": None,
-        "output": str(output),
-    }
-    config.update(fields)
-    return config
+    """A grid of seconds on one CPU thread: tiny model, 2 steps, no CLIP, sd only."""
+    defaults = {"seeds": "0-1", "methods": ["sd"], "batch_size": 1}
+    return audit_small_config(output, **{**defaults, **fields})
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -98,6 +87,8 @@ def assert_refused(result: tuple[int, str, str], *expected: str) -> str:
         (["--steps", "0"], ["'--steps'", "greater than or equal to 1"]),
         (["--model", "./no-such-folder"], ["--model", "does not exist"]),
         (["--method", "biasmap@down-64+up-64"], ["--method", "lacks", "down-16"]),
+        (["--model", "tiny-flux", "--method", "fd"], ["--method", "Flux.1 (MM-DiT)", "hard"]),
+        (["--model", "tiny-sd3", "--method", "biasmap@up-8"], ["--method", "joint-2"]),
         (["--device", "gpu0"], ["--device", "'cuda:<index>'"]),
     ],
 )

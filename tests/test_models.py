@@ -73,7 +73,12 @@ def test_tiny_sdxl_layout_is_its_unet_config_and_names_its_blocks():
 def test_model_family_is_read_without_loading_and_agrees_with_the_adapter(tmp_path):
     from biasmap.mitigation.adapters import adapter_for
 
-    for name, family in (("tiny", "SD1.x/SD2.x UNet"), ("tiny-sdxl", "SDXL UNet")):
+    for name, family in (
+        ("tiny", "SD1.x/SD2.x UNet"),
+        ("tiny-sdxl", "SDXL UNet"),
+        ("tiny-sd3", "SD3 (MM-DiT)"),
+        ("tiny-flux", "Flux.1 (MM-DiT)"),
+    ):
         assert models.model_family(name) == family
         assert adapter_for(models.load_pipeline(name)).family == family
     folder = tmp_path / "xl"
@@ -82,6 +87,19 @@ def test_model_family_is_read_without_loading_and_agrees_with_the_adapter(tmp_pa
     assert models.model_family(str(folder)) == "SDXL UNet"
     assert models.model_family(str(tmp_path)) is None  # no model_index.json
     assert models.model_family("nobody/never-downloaded-here") is None
+
+
+@pytest.mark.parametrize(("name", "family"), [("tiny-sd3", "sd3"), ("tiny-flux", "flux")])
+def test_dit_block_names_are_read_without_loading_and_are_the_trace_names(name, family, tmp_path):
+    from biasmap.discovery.dit import dit_blocks
+
+    pipe = models.load_pipeline(name)
+    built = [block.name for block in dit_blocks(pipe.transformer, family)]
+    assert models.dit_block_names(name) == built
+    pipe.transformer.save_config(tmp_path / "transformer")  # a pipeline folder's config only
+    assert models.dit_block_names(str(tmp_path)) == built
+    assert models.dit_block_names("tiny-sdxl") is None
+    assert models.dit_block_names("nobody/never-downloaded-here") is None
 
 
 def test_sd15_architecture_parameter_counts():

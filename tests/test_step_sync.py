@@ -208,3 +208,14 @@ def test_a_guided_step_does_not_synchronise_the_gpu(monkeypatch, cfg_batch, pres
         cfg_batch=cfg_batch,
     )
     assert guarded == [1, 2] and torch.isfinite(out.energies).all()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_an_mmdit_guided_step_makes_no_host_reads(request, monkeypatch, family):
+    """The same through DiTAdapter. Flux's first transformer call of a generation reads its
+    token grid from img_ids once (the trace's layout), so its steps are guarded from step 1."""
+    pipe = request.getfixturevalue(family)
+    guarded = _guard_steps(monkeypatch, HostReadGuard, from_step=1 if family == "flux" else 0)
+    out = guided_generate(pipe, P, A, CONCEPTS, num_inference_steps=3, output_type="latent")
+    assert guarded == ([1, 2] if family == "flux" else [0, 1, 2])
+    assert torch.isfinite(out.energies).all()

@@ -11,6 +11,7 @@ not exist each give an error naming the field and what it accepts (ConfigError).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import string
@@ -20,7 +21,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..mitigation.methods import METHODS, NEGATIVE_PROMPTS
+from ..mitigation.methods import METHODS, NEGATIVE_PROMPTS, TRUE_CFG_BASES, needs_true_cfg
 from ..models import PLANTED, RANDOM_MODELS, planted_weights_digest
 
 # The paper's professions (Section 4.1).
@@ -48,8 +49,8 @@ PAPER_PROFESSIONS = (
 )
 # Axes the mitigation methods know: negative prompting and Fair Diffusion need per-axis prompts.
 KNOWN_AXES = tuple(NEGATIVE_PROMPTS)
-# The offline pipelines the guided sampler runs: the planted world's trained model and the
-# random-weight builders (SD1.x/2.x and SDXL).
+# The offline pipelines an audit runs: the planted world's trained model and every random-
+# weight builder (SD1.x/2.x, SDXL, SD3 and Flux.1).
 OFFLINE_MODELS = (PLANTED, *RANDOM_MODELS)
 DEFAULT_CLASS_PROMPT = "a photo of the face of a {cls} person"
 DType = Literal["fp32", "fp16", "bf16"]
@@ -89,33 +90,85 @@ def _require_distinct(field: str, values: list) -> None:
 
 class AxisConfig(_Strict):
     """A demographic axis: the concept word appended to the attribution prompt, and the CLIP
-    classes that label each image along it (class_prompts default to DEFAULT_CLASS_PROMPT)."""
+    classes that label each image along it (class_prompts default to DEFAULT_CLASS_PROMPT).
 
-    concept: str
-    classes: list[str] = Field(min_length=2)
+    An intersectional axis names several concept words, all traced in one generation, and one
+    class list per word; its CLIP classes are their product, named by joining one class of each
+    word with a space ("female Asian"), so RD runs over those classes:
+
+        gender+race:
+          concept: [gender, race]
+          classes: [[male, female], [white, black, Hispanic, Asian]]
+    """
+
+    concept: str | list[str]
+    classes: list[str] | list[list[str]] = Field(min_length=2)
     class_prompts: list[str] | None = None
 
     @field_validator("concept")
     @classmethod
-    def _concept_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("the concept word must not be empty")
-        return value.strip()
+    def _concept_not_blank(cls, value: str | list[str]) -> str | list[str]:
+        words = [value] if isinstance(value, str) else value
+        if any(not word.strip() for word in words):
+            raise ValueError("a concept word must not be empty")
+        if isinstance(value, str):
+            return value.strip()
+        if len(value) < 2:
+            raise ValueError(
+                "a list of concept words makes an intersectional axis and needs at least two; "
+                "give one word as text (concept: gender)"
+            )
+        _require_distinct("concept", [word.strip() for word in value])
+        return [word.strip() for word in value]
 
     @model_validator(mode="after")
-    def _one_prompt_per_class(self) -> AxisConfig:
-        if self.class_prompts is not None and len(self.class_prompts) != len(self.classes):
+    def _classes_match_concepts(self) -> AxisConfig:
+        nested = [isinstance(entry, list) for entry in self.classes]
+        if isinstance(self.concept, str):
+            if any(nested):
+                raise ValueError(
+                    "classes must be a list of class names for a one-word concept, e.g. "
+                    "[male, female]; lists of lists are for a list of concept words"
+                )
+        elif not all(nested) or len(self.classes) != len(self.concept):
             raise ValueError(
-                f"class_prompts needs one prompt per class ({len(self.classes)}: "
-                f"{self.classes}), got {len(self.class_prompts)}"
+                f"an intersectional axis needs one class list per concept word "
+                f"({len(self.concept)}: {self.concept}), e.g. classes: [[male, female], "
+                "[white, black, Hispanic, Asian]]"
+            )
+        elif any(len(entry) < 2 for entry in self.classes):
+            raise ValueError("each concept word needs at least two classes")
+        names = self.class_names()
+        _require_distinct("classes", names)
+        if self.class_prompts is not None and len(self.class_prompts) != len(names):
+            raise ValueError(
+                f"class_prompts needs one prompt per class ({len(names)}: {names}), got "
+                f"{len(self.class_prompts)}"
             )
         return self
 
+    @property
+    def concepts(self) -> list[str]:
+        """The concept words, in order: one, or several for an intersectional axis."""
+        return [self.concept] if isinstance(self.concept, str) else list(self.concept)
+
+    @property
+    def intersectional(self) -> bool:
+        return len(self.concepts) > 1
+
+    def class_names(self) -> list[str]:
+        """The CLIP classes: `classes`, or for an intersectional axis the product of its
+        class lists, each named by its classes joined with a space (the first word's class
+        varies slowest): [[male, female], [white, Asian]] -> male white, male Asian, ..."""
+        if not self.intersectional:
+            return list(self.classes)
+        return [" ".join(names) for names in itertools.product(*self.classes)]
+
     def prompts_for_clip(self) -> list[str]:
-        """The CLIP text prompt of each class, in the order of `classes`."""
+        """The CLIP text prompt of each class, in the order of `class_names()`."""
         if self.class_prompts is not None:
             return list(self.class_prompts)
-        return [DEFAULT_CLASS_PROMPT.format(cls=name) for name in self.classes]
+        return [DEFAULT_CLASS_PROMPT.format(cls=name) for name in self.class_names()]
 
 
 def _default_axes() -> dict[str, AxisConfig]:
@@ -127,11 +180,12 @@ def _default_axes() -> dict[str, AxisConfig]:
 
 class PromptTemplates(_Strict):
     """Prompt templates. generation and hard take {profession}; attribution takes {prompt}
-    (the generation prompt actually used) and {concept} (the axis's concept word)."""
+    (the generation prompt actually used) and {concept} (the axis's concept word; an
+    intersectional axis's words joined with " and ", e.g. "gender and race")."""
 
     generation: str = "A photo of the face of a {profession}"
     hard: str = "A photo of the face of a diverse {profession}"
-    attribution: str = "{prompt} and {concept}"
+    attribution: str = "{prompt} and {concept}"  # several words: "gender and race"
 
     @model_validator(mode="after")
     def _placeholders(self) -> PromptTemplates:
@@ -217,11 +271,14 @@ def _block_method(method: str) -> bool:
 
 
 def check_axis(axis: str) -> str:
-    """Raise ValueError unless `axis` is a demographic axis the methods know (KNOWN_AXES)."""
-    if axis not in KNOWN_AXES:
+    """Raise ValueError unless `axis` is a demographic axis the methods know (KNOWN_AXES), or
+    an intersection of distinct ones joined with "+" ("gender+race")."""
+    parts = axis.split("+")
+    if any(part not in KNOWN_AXES for part in parts) or len(set(parts)) != len(parts):
         raise ValueError(
-            f"unknown axis {axis!r}; allowed: {list(KNOWN_AXES)} (in a config, the concept word "
-            "appended to the attribution prompt is the axis's 'concept' field, and may be any word)"
+            f"unknown axis {axis!r}; allowed: {list(KNOWN_AXES)} or an intersection of them "
+            "such as 'gender+race' (in a config, the concept word appended to the attribution "
+            "prompt is the axis's 'concept' field, and may be any word)"
         )
     return axis
 
@@ -248,14 +305,44 @@ def check_model(value: str, offline: tuple[str, ...] = OFFLINE_MODELS) -> str:
     return value
 
 
+def check_method_family(model: str, methods: list[str]) -> None:
+    """Raise ValueError when a method needs what the model's family lacks: Fair Diffusion and
+    negative prompting need a true CFG branch, which Flux.1 (guidance-distilled) has not.
+    Read without loading weights; a model whose pipeline class only loading tells (a hub id
+    not in the local cache) passes, and the sampler refuses such a method at its first batch."""
+    from ..mitigation.adapters import adapter_class
+    from ..models import pipeline_class_name, pipeline_family
+
+    class_name = pipeline_class_name(model)
+    adapter = adapter_class(class_name) if class_name is not None else None
+    if adapter is None or adapter.has_true_cfg(class_name):
+        return
+    refused = [method for method in methods if needs_true_cfg(method)]
+    if refused:
+        accepted = [m for m in METHODS if not needs_true_cfg(m) and "@" not in m]
+        raise ValueError(
+            f"method(s) {refused} need a true classifier-free-guidance branch "
+            f"({' and '.join(TRUE_CFG_BASES.values())}), which model {model!r} "
+            f"({pipeline_family(class_name)}) has not; it accepts {accepted} and "
+            "biasmap@<block>+<block> with its block names"
+        )
+
+
 def check_method_blocks(model: str, methods: list[str], image_size: int | None) -> None:
     """Raise ValueError when a `biasmap@...` method names a block the model lacks at this image
     size (None: the model's default). Models whose layout needs loading (hub ids) pass."""
     from ..discovery.trace import cross_attention_block_names
-    from ..models import unet_layout
+    from ..models import dit_block_names, unet_layout
 
     wanted = {method: method.partition("@")[2].split("+") for method in methods if "@" in method}
-    layout = unet_layout(model) if wanted else None
+    if not wanted:
+        return
+    dit_names = dit_block_names(model)
+    if dit_names is not None:
+        # MM-DiT blocks do not depend on the image size.
+        _check_blocks_exist(model, wanted, dit_names, "MM-DiT blocks")
+        return
+    layout = unet_layout(model)
     if layout is None:
         return
     unet, scale = layout
@@ -264,12 +351,18 @@ def check_method_blocks(model: str, methods: list[str], image_size: int | None) 
     if image_size is not None:
         height = width = image_size // scale
     names = cross_attention_block_names(unet, height, width)
+    _check_blocks_exist(model, wanted, names, "cross-attention blocks at this image size")
+
+
+def _check_blocks_exist(
+    model: str, wanted: dict[str, list[str]], names: list[str], what: str
+) -> None:
     for method, blocks in wanted.items():
         missing = [block for block in blocks if block not in names]
         if missing:
             raise ValueError(
                 f"method {method!r} names block(s) {missing} that model {model!r} lacks; its "
-                f"cross-attention blocks at this image size are {names}"
+                f"{what} are {names}"
             )
 
 
@@ -305,6 +398,9 @@ class AuditConfig(_Strict):
     workers: int | None = Field(None, ge=1)  # ray: default one per GPU, else 1
     threads: int | None = Field(None, ge=1)  # torch threads per worker; None: torch's default
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local cluster
+    # Keep each image's attribution maps in its row (float16; `biasmap report --q` needs them).
+    # Off saves the disk (about 110 KB per SD1.5 image); the stored metrics are the same.
+    store_maps: bool = True
     # torch.compile the denoiser step (guided_generate's compile=): true (CUDA graphs on
     # CUDA), false, or a torch.compile mode name. Compiles once per worker and batch shape.
     compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False
@@ -350,8 +446,23 @@ class AuditConfig(_Strict):
         return check_model(value)
 
     @model_validator(mode="after")
-    def _blocks_exist(self) -> AuditConfig:
-        # Before anything runs: a block list the model lacks would fail only at its first batch.
+    def _fair_diffusion_has_one_axis(self) -> AuditConfig:
+        # Fair Diffusion's edit prompts steer one axis ("a male" / "a female"); there are none
+        # for an intersection.
+        fair = [m for m in self.methods if m.partition("+")[0] == "fd"]
+        joint = [name for name, axis in self.axes.items() if axis.intersectional]
+        if fair and joint:
+            raise ValueError(
+                f"methods {fair} need a single axis, and axes {joint} are intersections; "
+                "Fair Diffusion has edit prompts for one axis at a time"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _methods_fit_the_model(self) -> AuditConfig:
+        # Before anything runs: a method the model's family cannot run, or a block list the
+        # model lacks, would fail only at its first batch.
+        check_method_family(self.model, self.methods)
         check_method_blocks(self.model, self.methods, self.image_size)
         return self
 
@@ -401,8 +512,8 @@ class AuditConfig(_Strict):
         Left out: the grid itself (professions, seeds, methods, lambdas and which axes are in it:
         they are in the key, so a run can be extended with more of them and resumed), and what
         only changes where or how the work runs (output, batch_size, executor, workers, threads,
-        ray_address, device, fid_weights, compile). device, batch_size and compile can change
-        the last bits of floating-point results, not what the experiment is.
+        ray_address, device, fid_weights, store_maps, compile). device, batch_size and compile
+        can change the last bits of floating-point results, not what the experiment is.
         """
         identity = self.model_dump(include=set(HASHED_FIELDS))
         if PLANTED in (self.model, self.clip_model):

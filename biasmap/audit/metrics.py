@@ -57,7 +57,9 @@ class StoreRows:
         return self.table.num_rows
 
 
-def read_store(run_dir: str | Path, *, config_hash: str | None = None) -> StoreRows:
+def read_store(
+    run_dir: str | Path, *, config_hash: str | None = None, with_maps: bool = False
+) -> StoreRows:
     """Read `RUN_DIR/parts/*.parquet` into one table with one row per image.
 
     The parts are read and validated by `biasmap.audit.store.ResultsStore`: one that cannot be
@@ -68,7 +70,8 @@ def read_store(run_dir: str | Path, *, config_hash: str | None = None) -> StoreR
     config_hash, keeping the newest (`created_at`): when a store holds rows of several config
     hashes (the config changed between runs into the same folder), each image slot is counted
     once, with its newest result, and `config_hashes` reports the mix. Pass `config_hash` to
-    keep only that hash's rows.
+    keep only that hash's rows. with_maps: also read the stored attribution maps (the `maps`
+    column is null otherwise, and in rows of runs made before maps were stored).
 
     Raises FileNotFoundError when RUN_DIR/parts does not exist and ValueError when no part
     file could be read or no row matches `config_hash`.
@@ -81,7 +84,7 @@ def read_store(run_dir: str | Path, *, config_hash: str | None = None) -> StoreR
             f"{store.parts_dir} does not exist: RUN_DIR must be an audit output folder holding "
             "parts/*.parquet (written by `biasmap audit`)"
         )
-    parts, problems = store.scan()
+    parts, problems = store.scan(with_maps)
     skipped = [(problem.path.name, problem.reason.splitlines()[0]) for problem in problems]
     if not parts:
         detail = f"; unreadable: {skipped}" if skipped else ""
@@ -573,3 +576,62 @@ def lambda_tables(
 def slug(text: str) -> str:
     """ASCII letters, digits and dashes, for ids and file names."""
     return "".join(c if c.isascii() and c.isalnum() else "-" for c in text).strip("-")
+
+
+def intersection_tables(rows: pa.Table) -> list[Table]:
+    """For each intersectional axis (several demographic concept words traced together): per
+    (method, lambda) and profession, and pooled over professions ("all (mean)"), the mIoU of
+    each concept's own mask with the profession's (`concept_ious`) and of the intersection of
+    the demographic masks with the profession's (`iou`), each with its 95% bootstrap interval
+    over seeds (biasmap.audit.stats.bootstrap_interval).
+
+    rows: store rows (SCHEMA). Axes with one concept, and rows without stored per-concept IoUs
+    (runs made before they were stored), give no table.
+    """
+    import numpy as np
+
+    from .stats import bootstrap_interval, mean_statistic
+
+    columns = ("axis", "method", "lambda_", "profession", "seed", "iou", "concept_ious")
+    columns += ("maps_concepts",)
+    values: dict[str, dict[tuple, dict[str, list[list[float]]]]] = defaultdict(dict)
+    concepts_of: dict[str, list[str]] = {}
+    for axis, method, lambda_, profession, _, iou, pairwise, concepts in zip(
+        *(rows.column(name).to_pylist() for name in columns), strict=True
+    ):
+        if not pairwise or len(pairwise) < 2 or not concepts:
+            continue
+        concepts_of.setdefault(axis, concepts[:-1])
+        cell = values[axis].setdefault((method, lambda_), {})
+        cell.setdefault(profession, []).append([*pairwise, iou])
+    tables = []
+    for axis in sorted(values, key=axis_rank):
+        concepts = concepts_of[axis]
+        names = [f"IoU({c}, profession)" for c in concepts]
+        names.append(f"IoU({' ∩ '.join(concepts)}, profession)")
+        table_rows = []
+        for (method, lambda_), professions in sorted(
+            values[axis].items(), key=lambda item: (method_rank(item[0][0]), item[0][1])
+        ):
+            samples = {p: np.asarray(v, dtype=np.float64).T for p, v in professions.items()}
+            for profession in [*sorted(samples), None]:
+                chosen = [samples[profession]] if profession else list(samples.values())
+                cells: list[Any] = []
+                for index in range(len(names)):
+                    per_profession = [sample[index] for sample in chosen]
+                    value = float(np.mean([sample.mean() for sample in per_profession]))
+                    low, high = bootstrap_interval(per_profession, mean_statistic)
+                    cells.append(Estimate(value, low, high))
+                label = profession or "all (mean)"
+                table_rows.append([method_label(method, lambda_), label, *cells])
+        tables.append(
+            Table(
+                id=f"table-intersection-{slug(axis)}",
+                caption=f"Intersectional axis {axis}: mIoU of each demographic concept's mask "
+                "with the profession's, and of their intersection (AND) with the profession's, "
+                "all from one trace per image.",
+                columns=["method", "profession", *names],
+                rows=table_rows,
+            )
+        )
+    return tables

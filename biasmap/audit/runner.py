@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import torch
 
+from . import stored_maps
 from .config import HASHED_FIELDS, AuditConfig
 from .lock import RunLock
 from .schema import KEY_COLUMNS
@@ -91,7 +92,8 @@ def method_plan(config: AuditConfig, item: WorkItem):
 
     biasmap.mitigation.methods.plan gives the method's structure (guidance, blocks, negative
     prompt, Fair Diffusion edits for the seed); the prompts and the demographic concept come
-    from the config.
+    from the config. An intersectional axis traces all its words in one attribution prompt
+    ("... and gender and race"): concepts (gender, race, profession).
     """
     from ..mitigation.methods import plan
 
@@ -99,12 +101,12 @@ def method_plan(config: AuditConfig, item: WorkItem):
     templates = config.prompts
     hard = base.method.partition("+")[0] == "hard"
     prompt = (templates.hard if hard else templates.generation).format(profession=item.profession)
-    concept = config.axes[item.axis].concept
+    words = config.axes[item.axis].concepts  # several for an intersectional axis
     return dataclasses.replace(
         base,
         prompt=prompt,
-        attribution_prompt=templates.attribution.format(prompt=prompt, concept=concept),
-        concepts=(concept, item.profession),
+        attribution_prompt=templates.attribution.format(prompt=prompt, concept=" and ".join(words)),
+        concepts=(*words, item.profession),
     )
 
 
@@ -281,19 +283,28 @@ class BatchGenerator:
             width=config.image_size,
             compile=config.compile,
         )
-        iou = output.iou().tolist()
-        biou = {name: values.tolist() for name, values in output.biou().items()}
-        blocks = [name for name in biou if name != "mean"]
+        # The metrics are measured on the float16 maps the row stores, so that re-thresholding
+        # them later (biasmap report --q) reproduces a fresh run exactly.
+        attribution = output.maps
+        blocks = attribution.block_names
+        packed = stored_maps.pack(attribution.aggregate, [attribution.blocks[b] for b in blocks])
+        inclusive = bool(output.settings.inclusive_masks)
+        measured = stored_maps.threshold_metrics(packed, config.q, inclusive)
+        iou = measured.iou.tolist()
+        biou_values = measured.biou.tolist()
+        biou_mean = measured.biou_mean.tolist()
+        concept_ious = measured.concept_iou.tolist()
         energies = output.energies.double()  # [steps, B]
         axis = config.axes[batch[0].axis]
+        classes = axis.class_names()  # the product of the classes on an intersectional axis
         probs = None
         if self.classifier is not None:
             probs = self.classifier.classify(list(output.images), axis.prompts_for_clip())
             probs = probs.detach().double().cpu()
-            if tuple(probs.shape) != (len(batch), len(axis.classes)):
+            if tuple(probs.shape) != (len(batch), len(classes)):
                 raise ValueError(
                     f"the classifier returned probabilities of shape {tuple(probs.shape)}, "
-                    f"expected [{len(batch)}, {len(axis.classes)}] (images x classes)"
+                    f"expected [{len(batch)}, {len(classes)}] (images x classes)"
                 )
         seconds = (time.perf_counter() - started) / len(batch)
         created = datetime.now(timezone.utc)
@@ -313,22 +324,25 @@ class BatchGenerator:
                 "q": config.q,
                 "iou": float(iou[index]),
                 "biou_blocks": blocks,
-                "biou_values": [float(biou[name][index]) for name in blocks],
-                "biou_mean": float(biou["mean"][index]),
+                "biou_values": [float(value) for value in biou_values[index]],
+                "biou_mean": float(biou_mean[index]),
                 "softiou_first": float(trajectory[0]),
                 "softiou_last": float(trajectory[-1]),
                 "softiou_mean": float(trajectory.mean()),
-                "clip_classes": list(axis.classes) if probs is not None else None,
+                "clip_classes": list(classes) if probs is not None else None,
                 "clip_probs": probs[index].tolist() if probs is not None else None,
-                "clip_label": (
-                    axis.classes[int(probs[index].argmax())] if probs is not None else None
-                ),
+                "clip_label": (classes[int(probs[index].argmax())] if probs is not None else None),
                 "image_path": image_path(item),
                 "seconds": seconds,
                 "batch_size": len(batch),
                 "worker": self.worker,
                 "versions": self.versions,
                 "created_at": created,
+                "maps_concepts": list(attribution.concepts),
+                "maps_shape": list(packed.shape[1:]) if config.store_maps else None,
+                "maps": stored_maps.encode(packed[index]) if config.store_maps else None,
+                "masks_inclusive": inclusive if config.store_maps else None,
+                "concept_ious": [float(value) for value in concept_ious[index]],
             }
             results.append(ImageResult(row, buffer.getvalue()))
         return results

@@ -19,6 +19,13 @@ whose rows break the row rules is reported with a warning naming the file and sk
 count as missing and are recomputed; `check(repair=True)` (which the runner calls before it starts)
 moves such files to parts/corrupt/, never deleting anything.
 
+Each row carries its image's attribution maps (the `maps` column, float16, a few KB to about
+110 KB per image), inside the part itself: they are committed by the same rename as the row, so
+no crash can leave a row without its maps or maps without their row, and `drop_keys` and the
+corrupt-part handling carry them along. Reads that need only keys and metrics (`keys`, `check`,
+`scan()`) skip that column (Parquet is columnar) and see it as null. Parts written before the
+maps were stored are read as rows without maps.
+
 Two parts may hold the same key (two runners on one folder raced for it). Reads keep exactly one
 row per key: the earliest `created_at`, ties broken by part file name, then by row order.
 """
@@ -36,7 +43,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .schema import KEY_COLUMNS, SCHEMA
+from .schema import KEY_COLUMNS, MAPS_COLUMN, SCHEMA, is_legacy_schema, upgrade
 
 PARTS = "parts"
 CORRUPT = "corrupt"
@@ -138,6 +145,41 @@ def validate_rows(table: pa.Table) -> None:
         ):
             if (first is None) != (second is None) or (first and len(first) != len(second)):
                 raise InvalidRowsError(f"{names} and {values} differ in length in a row")
+    _validate_maps(table)
+
+
+def _validate_maps(table: pa.Table) -> None:
+    """Stored maps agree with their shape, concepts and blocks, and concept_ious has one IoU
+    per demographic concept (rows without maps pass)."""
+    for concepts, pairwise in zip(
+        table.column("maps_concepts").to_pylist(),
+        table.column("concept_ious").to_pylist(),
+        strict=True,
+    ):
+        if concepts is not None and pairwise is not None and len(pairwise) != len(concepts) - 1:
+            raise InvalidRowsError(
+                f"concept_ious has {len(pairwise)} value(s) for the {len(concepts) - 1} "
+                f"demographic concept(s) of {concepts}"
+            )
+    if table.column(MAPS_COLUMN).null_count == table.num_rows:
+        return
+    columns = ("maps", "maps_shape", "maps_concepts", "biou_blocks")
+    for data, shape, concepts, blocks in zip(
+        *(table.column(name).to_pylist() for name in columns), strict=True
+    ):
+        if data is None:
+            continue
+        if shape is None or concepts is None or len(shape) != 4:
+            raise InvalidRowsError("a row has maps without maps_shape [M, C, S_h, S_w] or concepts")
+        if shape[0] != 1 + len(blocks or []) or shape[1] != len(concepts):
+            raise InvalidRowsError(
+                f"maps_shape {shape} does not match 1 + {len(blocks or [])} blocks and "
+                f"{len(concepts)} concepts"
+            )
+        if len(data) != 2 * math.prod(shape):
+            raise InvalidRowsError(
+                f"maps hold {len(data)} bytes, float16 {shape} needs {2 * math.prod(shape)}"
+            )
 
 
 def table_from_rows(rows: Sequence[dict]) -> pa.Table:
@@ -213,7 +255,7 @@ class ResultsStore:
         holder may call this (biasmap.audit.lock).
         """
         removed = 0
-        parts, _ = self.scan()
+        parts, _ = self.scan(with_maps=True)  # the kept rows keep their maps
         for path, table in parts:
             part_keys = _key_list(table)
             drop = [key in keys for key in part_keys]
@@ -234,23 +276,35 @@ class ResultsStore:
             return []
         return sorted(self.parts_dir.glob(f"{PART_PREFIX}*.parquet"))
 
-    def _read_part(self, path: Path) -> pa.Table:
+    def _read_part(self, path: Path, with_maps: bool) -> pa.Table:
         try:
-            table = pq.ParquetFile(path).read()
+            part = pq.ParquetFile(path)
+            schema = part.schema_arrow
+            columns = None
+            if not with_maps:
+                columns = [name for name in schema.names if name != MAPS_COLUMN]
+            table = part.read(columns=columns)
         except (OSError, pa.ArrowException) as error:
             raise InvalidRowsError(
                 f"unreadable Parquet ({type(error).__name__}: {error})"
             ) from None
+        if is_legacy_schema(schema) or schema.equals(SCHEMA, check_metadata=False):
+            # A part of an older biasmap (no maps), or a read that left the maps out: the
+            # missing columns read as null. A foreign schema is left as it is, and fails below.
+            table = upgrade(table)
         validate_rows(table)
         return table
 
-    def scan(self) -> tuple[list[tuple[Path, pa.Table]], list[PartProblem]]:
+    def scan(
+        self, with_maps: bool = False
+    ) -> tuple[list[tuple[Path, pa.Table]], list[PartProblem]]:
         """Every committed part as (path, table) when it is readable and valid, and the
-        problems of those that are not (no warning, nothing moved)."""
+        problems of those that are not (no warning, nothing moved). with_maps=False leaves
+        the bulky maps column unread (null in the tables)."""
         good, problems = [], []
         for path in self.part_files():
             try:
-                good.append((path, self._read_part(path)))
+                good.append((path, self._read_part(path, with_maps)))
             except FileNotFoundError:  # moved aside by a concurrent check meanwhile
                 continue
             except InvalidRowsError as error:
@@ -293,9 +347,10 @@ class ResultsStore:
         unique = unique.sort_by([(name, "ascending") for name in KEY_COLUMNS])
         return unique, total - len(keep)
 
-    def read_table(self) -> pa.Table:
-        """All rows, one per key, sorted by key; corrupt parts are skipped with a warning."""
-        parts, problems = self.scan()
+    def read_table(self, with_maps: bool = True) -> pa.Table:
+        """All rows, one per key, sorted by key; corrupt parts are skipped with a warning.
+        with_maps=False leaves the maps column null (a faster read)."""
+        parts, problems = self.scan(with_maps)
         self._warn(problems, {})
         return self._deduplicated(parts)[0]
 

@@ -152,21 +152,41 @@ class AttributionMaps:
     # ------------------------------------------------------------------ metrics
 
     def iou(
-        self, a: str | int, b: str | int, q: float = DEFAULT_Q, *, inclusive: bool = True
+        self,
+        a: str | int | Sequence[str | int],
+        b: str | int,
+        q: float = DEFAULT_Q,
+        *,
+        inclusive: bool = True,
     ) -> torch.Tensor:
-        """IoU [B] of the q-quantile masks of concepts a and b on the aggregated map (Eq. 3-4)."""
+        """IoU [B] of the q-quantile masks of concepts a and b on the aggregated map (Eq. 3-4).
+
+        a may be a list of concepts: their masks' intersection (AND) is compared with b's
+        (an intersectional concept such as gender and race)."""
         return self._iou(a, b, q, None, inclusive)
 
     def biou(
-        self, a: str | int, b: str | int, q: float = DEFAULT_Q, *, inclusive: bool = True
+        self,
+        a: str | int | Sequence[str | int],
+        b: str | int,
+        q: float = DEFAULT_Q,
+        *,
+        inclusive: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """Block IoU (Eq. 6): {block name: [B]} for every captured block, plus their "mean"."""
+        """Block IoU (Eq. 6): {block name: [B]} for every captured block, plus their "mean".
+        a may be a list of concepts, as in `iou`."""
         per_block = {name: self._iou(a, b, q, name, inclusive) for name in self.blocks}
         per_block["mean"] = torch.stack(list(per_block.values())).mean(dim=0)
         return per_block
 
     def _iou(self, a, b, q, block, inclusive) -> torch.Tensor:
-        mask_a = self.masks(a, q, block=block, inclusive=inclusive).flatten(1)
+        if isinstance(a, list | tuple):
+            if not a:
+                raise ValueError("a list of concepts for an intersection must not be empty")
+            masks = [self.masks(c, q, block=block, inclusive=inclusive).flatten(1) for c in a]
+            mask_a = torch.stack(masks).all(dim=0)
+        else:
+            mask_a = self.masks(a, q, block=block, inclusive=inclusive).flatten(1)
         mask_b = self.masks(b, q, block=block, inclusive=inclusive).flatten(1)
         return ops.mask_iou(mask_a, mask_b)
 

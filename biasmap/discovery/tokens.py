@@ -69,12 +69,17 @@ def _find_subsequence(haystack: Sequence[int], needle: Sequence[int]) -> int:
     return -1
 
 
-def concept_positions(tokenizer, prompt: str, concepts: Sequence[str]) -> ConceptTokens:
+def concept_positions(
+    tokenizer, prompt: str, concepts: Sequence[str], *, max_length: int | None = None
+) -> ConceptTokens:
     """Token positions of each concept inside `prompt`, as the text encoder sees it.
 
-    tokenizer: the pipeline's (first) CLIP tokenizer. concepts: words or phrases; each
-    must occur in the (truncated) tokenised prompt. If a concept occurs several times,
-    its first occurrence is used. Raises ConceptNotFoundError naming the prompt's tokens.
+    tokenizer: the tokenizer of the text stream the keys come from (the pipeline's first
+    CLIP tokenizer for UNets; an MM-DiT's CLIP or T5 tokenizer). concepts: words or
+    phrases; each must occur in the (truncated) tokenised prompt. If a concept occurs
+    several times, its first occurrence is used. max_length: the stream's sequence length
+    (default tokenizer.model_max_length; MM-DiT pipelines pad T5 to their own
+    max_sequence_length). Raises ConceptNotFoundError naming the prompt's tokens.
     """
     if isinstance(concepts, str):
         raise TypeError(
@@ -86,7 +91,7 @@ def concept_positions(tokenizer, prompt: str, concepts: Sequence[str]) -> Concep
         raise ValueError(
             "concepts is empty; give at least one word or phrase of the attribution prompt"
         )
-    num_keys = int(tokenizer.model_max_length)
+    num_keys = int(max_length or tokenizer.model_max_length)
     prompt_ids = tokenizer(prompt, truncation=True, max_length=num_keys).input_ids
     prompt_tokens = tuple(tokenizer.convert_ids_to_tokens(prompt_ids))
     readable = [t.replace("</w>", "") for t in prompt_tokens]

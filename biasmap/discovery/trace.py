@@ -236,7 +236,8 @@ class Trace:
         for component in ("unet", "tokenizer", "encode_prompt"):
             if not hasattr(pipe, component):
                 raise TypeError(
-                    f"biasmap.trace needs a diffusers Stable Diffusion (1.x, 2.x or XL) pipeline; "
+                    f"biasmap.trace needs a diffusers Stable Diffusion (1.x, 2.x, XL, 3) or Flux "
+                    "pipeline; "
                     f"{type(pipe).__name__} has no {component!r}"
                 )
         _check_timesteps(timesteps)
@@ -527,11 +528,14 @@ def trace(
     blocks: str | Sequence[str] = "default",
     map_size: int | tuple[int, int] | None = None,
     timesteps=None,
+    text_stream: str = "auto",
+    keys: str = "auto",
     compile: bool = False,
-) -> Trace:
+):
     """Capture concept attribution maps while `pipe` generates inside a `with` block.
 
-    pipe: a diffusers StableDiffusionPipeline (SD1.x, SD2.x) or StableDiffusionXLPipeline.
+    pipe: a diffusers StableDiffusionPipeline (SD1.x, SD2.x), StableDiffusionXLPipeline,
+    StableDiffusion3Pipeline (SD3, SD3.5) or FluxPipeline (Flux.1).
     attribution_prompt: P', e.g. "A photo of the face of a firefighter and gender"; its
     keys K'_i = to_k_i(text_encoder(P')) are computed once per cross-attention layer.
     concepts: words or phrases of P' (C of them); a multi-token concept is the mean of its
@@ -554,19 +558,41 @@ def trace(
     `.aggregate`. Memory: at most blocks x C x S_h x S_w floats per image, for any number
     of steps. The images are bit-identical to an untraced run.
 
+    MM-DiT pipelines (SD3/SD3.5, Flux.1) get a `biasmap.discovery.dit.DiTTrace` with the
+    same API; its docstring gives the exact semantics (blocks `joint-i` / `single-i`,
+    in-prompt keys or a side stream for P', the text stream's tokenizer). For them
+    softmax_over also takes "joint" (the model's joint softmax, sliced), and:
+    text_stream: "auto" (T5 when the pipeline has a T5 encoder, else CLIP), "t5" or "clip"
+    (SD3 only): whose positions the keys hold and whose tokenizer finds the concepts.
+    keys: "auto" (in-prompt when P' encodes to the generation's text, else side stream),
+    "in-prompt" or "side-stream". UNet pipelines accept only "auto" for both.
+
     compile: run the UNet's forward under torch.compile (capture processors included) for
     the duration of the block; the first call of each kind (capturing or not) compiles.
 
     Returns a context manager; use `with biasmap.trace(...) as tr: pipe(...)`, then `tr.maps()`.
     """
-    return Trace(
-        pipe,
-        attribution_prompt,
-        concepts,
+    from .dit import DiTTrace, mmdit_family
+
+    options = dict(
         cfg_half=cfg_half,
         softmax_over=softmax_over,
         blocks=blocks,
         map_size=map_size,
         timesteps=timesteps,
-        compile=compile,
     )
+    if mmdit_family(pipe) is not None:
+        if compile:
+            raise ValueError(
+                "compile=True is implemented for UNet pipelines; MM-DiT traces run eager"
+            )
+        return DiTTrace(
+            pipe, attribution_prompt, concepts, **options, text_stream=text_stream, keys=keys
+        )
+    for name, value in (("text_stream", text_stream), ("keys", keys)):
+        if value != "auto":
+            raise ValueError(
+                f"{name}={value!r} applies to MM-DiT pipelines (SD3, Flux) only; a UNet "
+                f"pipeline's keys come from its one text encoder: leave {name}='auto'"
+            )
+    return Trace(pipe, attribution_prompt, concepts, **options, compile=compile)

@@ -79,14 +79,33 @@ class DenoiserAdapter:
 
     #: the pipeline classes this adapter serves, for error messages ("StableDiffusionPipeline")
     pipeline_names: tuple[str, ...] = ()
+    # The sampler's per-step map capture for this family; None: the UNet one
+    # (sampler._StepCapture), which this module cannot import without a cycle.
+    step_capture_class: type | None = None
 
     def __init__(self, pipe):
         self.pipe = pipe
+
+    def default_guidance_scale(self) -> float | None:
+        """The guidance_scale used when the caller gives none; None keeps the preset's."""
+        return None
+
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        """Whether the guided loop batches an unconditional half (classifier-free guidance)."""
+        return guidance_scale > 1.0
 
     @classmethod
     def supports(cls, pipe) -> bool:
         """Whether this adapter can drive `pipe`."""
         raise NotImplementedError
+
+    @classmethod
+    def has_true_cfg(cls, pipeline_class: str) -> bool:
+        """Whether guided sampling of `pipeline_class` (one of pipeline_names) runs a real
+        second branch beside the conditional one: an unconditional or negative prompt, and
+        Fair Diffusion's edit prompts. Read without a pipeline, so that an audit config can
+        refuse the methods that need it before any model loads."""
+        return True
 
     @property
     def family(self) -> str:
@@ -131,7 +150,11 @@ class DenoiserAdapter:
         self, prompts: Sequence[str], rows: int, image_size: tuple[int, int]
     ) -> list[Conditioning]:
         """One conditioning of `rows` rows per Fair Diffusion edit prompt (no CFG)."""
-        raise NotImplementedError
+        edits = []
+        for prompt in prompts:
+            cond, _ = self.encode(prompt, 1, False, None, image_size)
+            edits.append(cond.repeat_rows(rows))
+        return edits
 
     def set_timesteps(self, num_inference_steps: int, image_size: tuple[int, int]) -> torch.Tensor:
         """Set the scheduler up for a generation and return its timesteps [steps]."""
@@ -342,13 +365,6 @@ class UNetAdapter(DenoiserAdapter):
         uncond = self._conditioning(negative, negative_pooled, image_size) if use_cfg else None
         return cond, uncond
 
-    def encode_edits(self, prompts, rows, image_size):
-        edits = []
-        for prompt in prompts:
-            cond, _ = self.encode(prompt, 1, False, None, image_size)
-            edits.append(cond.repeat_rows(rows))
-        return edits
-
     def set_timesteps(self, num_inference_steps, image_size):
         scheduler = self.pipe.scheduler
         scheduler.set_timesteps(num_inference_steps, device=self.device)
@@ -448,6 +464,15 @@ class UNetAdapter(DenoiserAdapter):
 
 # Tried in order; the first whose supports(pipe) is true drives the pipeline.
 ADAPTERS: list[type[DenoiserAdapter]] = [UNetAdapter]
+
+
+def adapter_class(pipeline_class: str) -> type[DenoiserAdapter] | None:
+    """The adapter class serving the diffusers pipeline class named `pipeline_class`
+    ("FluxPipeline"), or None when no adapter lists it."""
+    for adapter in ADAPTERS:
+        if pipeline_class in adapter.pipeline_names:
+            return adapter
+    return None
 
 
 def adapter_for(pipe) -> DenoiserAdapter:

@@ -28,6 +28,22 @@ METHODS = (
     "biasmap@down-64+up-64",
 )
 
+# Bases that need a real second CFG branch: negative prompting replaces the unconditional
+# prompt, Fair Diffusion adds its edit prompts' branches to the CFG batch.
+TRUE_CFG_BASES = {"fd": "Fair Diffusion", "negative": "negative prompting"}
+
+
+def method_base(method: str) -> str:
+    """The base a method builds on: "fd" for "fd+biasmap", "sd" for "biasmap" and
+    "biasmap@<blocks>"."""
+    base = method.partition("@")[0].partition("+")[0]
+    return "sd" if base == "biasmap" else base
+
+
+def needs_true_cfg(method: str) -> bool:
+    """Whether `method` needs a second CFG branch (see TRUE_CFG_BASES)."""
+    return method_base(method) in TRUE_CFG_BASES
+
 
 @dataclass(frozen=True)
 class MethodPlan:
@@ -36,7 +52,7 @@ class MethodPlan:
     method: str
     prompt: str
     attribution_prompt: str
-    concepts: tuple[str, str]  # (demographic a, semantic b)
+    concepts: tuple[str, ...]  # (demographic a, ..., semantic b): the semantic concept last
     guided: bool
     blocks: str | tuple[str, ...]
     negative_prompt: str | None
@@ -60,8 +76,16 @@ def plan(method: str, profession: str, axis: str, seed: int) -> MethodPlan:
         base, extra = "sd", "biasmap"
     if base not in BASES or extra not in ("", "biasmap"):
         raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
-    if axis not in NEGATIVE_PROMPTS:
-        raise ValueError(f"unknown axis {axis!r}; known: {list(NEGATIVE_PROMPTS)}")
+    parts = axis.split("+")  # an intersection such as "gender+race"
+    if any(part not in NEGATIVE_PROMPTS for part in parts):
+        raise ValueError(
+            f"unknown axis {axis!r}; known: {list(NEGATIVE_PROMPTS)} or their intersections "
+            "joined with '+'"
+        )
+    if base == "fd" and len(parts) > 1:
+        raise ValueError(
+            f"Fair Diffusion edits one axis at a time; {axis!r} is an intersection of {parts}"
+        )
     prompt = (HARD_PROMPT if base == "hard" else PROMPT).format(profession=profession)
     return MethodPlan(
         method=method,
@@ -70,6 +94,9 @@ def plan(method: str, profession: str, axis: str, seed: int) -> MethodPlan:
         concepts=(axis, profession),
         guided=extra == "biasmap",
         blocks=blocks,
-        negative_prompt=NEGATIVE_PROMPTS[axis] if base == "negative" else None,
+        # An intersection suppresses every group of every axis it joins.
+        negative_prompt=(
+            ", ".join(NEGATIVE_PROMPTS[part] for part in parts) if base == "negative" else None
+        ),
         editing_prompt=FairDiffusion.for_seed(axis, seed) if base == "fd" else None,
     )

@@ -61,16 +61,25 @@ class GuidedOutput:
     applied: torch.Tensor
     maps: AttributionMaps | None
     settings: GuidanceSettings
-    concepts: tuple[str, str]
+    concepts: tuple[str, ...]  # demographic concept(s), then the semantic one
     q: float
 
     def iou(self) -> torch.Tensor:
-        """Final IoU [B] of the two concepts' q-masks, with the preset's mask comparison."""
-        return self._maps().iou(*self.concepts, self.q, inclusive=self.settings.inclusive_masks)
+        """Final IoU [B] of the semantic concept's q-mask with the demographic one's (the AND
+        of the demographic ones' with several), with the preset's mask comparison."""
+        return self._maps().iou(
+            self._demographic(), self.concepts[-1], self.q, inclusive=self.settings.inclusive_masks
+        )
 
     def biou(self) -> dict[str, torch.Tensor]:
         """Final block IoU {block: [B], "mean": [B]} with the preset's mask comparison."""
-        return self._maps().biou(*self.concepts, self.q, inclusive=self.settings.inclusive_masks)
+        return self._maps().biou(
+            self._demographic(), self.concepts[-1], self.q, inclusive=self.settings.inclusive_masks
+        )
+
+    def _demographic(self) -> str | list[str]:
+        demographic = list(self.concepts[:-1])
+        return demographic[0] if len(demographic) == 1 else demographic
 
     def _maps(self) -> AttributionMaps:
         if self.maps is None:
@@ -155,7 +164,7 @@ class _StepCapture(Trace):
                 differentiable=True,
             )
             size = self.map_side(settings.guidance_map_size)
-            energy = _energy(self.take_step_maps(), 0, 1, size, settings, q)
+            energy = _energy(self.take_step_maps(), size, settings, q)
             (grad,) = torch.autograd.grad(energy.sum(), z)
         return energy.detach(), grad, output.detach()
 
@@ -179,9 +188,12 @@ class _StepCapture(Trace):
 
 
 def _energy(
-    step_maps: dict[str, torch.Tensor], a: int, b: int, size, settings: GuidanceSettings, q: float
+    step_maps: dict[str, torch.Tensor], size, settings: GuidanceSettings, q: float
 ) -> torch.Tensor:
-    """E [B] = SoftIoU(SoftTopK(M_a), SoftTopK(M_b)) of one step's block maps.
+    """E [B] = SoftIoU(SoftTopK(M_a), SoftTopK(M_b)) of one step's block maps, where b is the
+    last concept (the semantic one) and a the first; with several demographic concepts (an
+    intersectional audit axis: gender, race, profession) E is the mean over them of each one's
+    SoftIoU with b, which lowers every pairwise entanglement and so bounds the intersection's.
 
     step_maps: {block: [B, C, h_i, w_i]}, aggregated to `size` as settings.aggregation says.
 
@@ -189,19 +201,20 @@ def _energy(
     step); callers check the energy once instead (_require_finite).
     """
     with ops.skip_value_checks():
-        return _energy_unchecked(step_maps, a, b, size, settings, q)
+        return _energy_unchecked(step_maps, size, settings, q)
 
 
-def _energy_unchecked(step_maps, a, b, size, settings, q) -> torch.Tensor:
+def _energy_unchecked(step_maps, size, settings, q) -> torch.Tensor:
     """_energy without entering skip_value_checks (the caller has, or runs it compiled)."""
     maps = aggregate_blocks(list(step_maps.values()), size, settings.aggregation)
-    batch, _, height, width = maps.shape
-    pair = torch.cat([maps[:, a], maps[:, b]])  # [2B, S_h, S_w]
+    batch, concepts, height, width = maps.shape
+    # [C * B, S_h, S_w]: the demographic concepts' maps, then the semantic one's.
+    stacked = torch.cat([maps[:, index] for index in range(concepts)])
     if settings.topk_scope == "row":
-        rows = pair.reshape(2 * batch * height, width)
+        rows = stacked.reshape(concepts * batch * height, width)
         k = ops.topk_count(width, q)
     else:
-        rows = pair.reshape(2 * batch, height * width)
+        rows = stacked.reshape(concepts * batch, height * width)
         k = ops.topk_count(height * width, q)
     masks = ops.soft_topk(
         rows,
@@ -210,8 +223,15 @@ def _energy_unchecked(step_maps, a, b, size, settings, q) -> torch.Tensor:
         solver=settings.solver,
         iters=settings.iters,
         normalize=settings.normalize,
-    ).reshape(2 * batch, height * width)
-    return ops.soft_iou(masks[:batch], masks[batch:], settings.eps)
+    ).reshape(concepts * batch, height * width)
+    semantic = masks[(concepts - 1) * batch :]
+    energies = [
+        ops.soft_iou(masks[index * batch : (index + 1) * batch], semantic, settings.eps)
+        for index in range(concepts - 1)
+    ]
+    if len(energies) == 1:
+        return energies[0]
+    return torch.stack(energies).mean(dim=0)
 
 
 def _require_finite(energies: torch.Tensor, steps: list[int] | None = None) -> None:
@@ -311,11 +331,16 @@ def guided_generate(
 
     pipe: a diffusers pipeline that biasmap.mitigation.adapters.ADAPTERS serves:
     StableDiffusionPipeline (SD1.x/2.x) or StableDiffusionXLPipeline (SDXL: both text
-    encoders, pooled embeddings and time ids), with any DDPM-family scheduler.
+    encoders, pooled embeddings and time ids), with any DDPM-family scheduler;
+    StableDiffusion3Pipeline and FluxPipeline with their flow-matching Euler scheduler
+    (biasmap.mitigation.dit_adapter: the guidance term in velocity form; on Flux
+    guidance_scale is the guidance embedding's value, default 3.5, and there is no CFG).
     prompt: P (one string or a list: B = len * num_images_per_prompt images).
     attribution_prompt: P', e.g. "A photo of the face of a firefighter and gender"; its keys
     come from the pipeline's own text encoding (SDXL: both encoders' states, concatenated).
-    concepts: (a, b): the demographic concept a and the semantic concept b of P'.
+    concepts: (a, b): the demographic concept a and the semantic concept b of P'; or
+    (a_1, ..., a_m, b), several demographic concepts traced together (an intersection),
+    whose energy is the mean of each a_i's with b.
     lambda_: energy guidance strength (0: plain sampling, bit-identical to diffusers).
     q: quantile of the hard masks; the soft top-k keeps k = floor((1 - q) n).
     tau, solver, normalize, cfg_half, guidance_scale, topk_scope: override the preset
@@ -341,6 +366,8 @@ def guided_generate(
     _check_arguments(lambda_, q, preset, num_inference_steps)
     adapter = adapter_for(pipe)
     adapter.check_attribution_prompt(attribution_prompt)
+    if guidance_scale is None:
+        guidance_scale = adapter.default_guidance_scale()  # Flux: its guidance embedding's
     settings = _resolve_settings(
         preset,
         tau=tau,
@@ -352,7 +379,7 @@ def guided_generate(
     )
     fair = FairDiffusion.coerce(editing_prompt)
     scheduler = pipe.scheduler
-    use_cfg = settings.guidance_scale > 1.0
+    use_cfg = adapter.uses_cfg(settings.guidance_scale)  # Flux: never, its scale is embedded
     if settings.cfg_half == "uncond" and not use_cfg:
         raise ValueError(
             "cfg_half='uncond' needs classifier-free guidance (guidance_scale > 1); there is no "
@@ -363,7 +390,7 @@ def guided_generate(
     default_height, default_width = adapter.default_size()
     image_size = (height or default_height, width or default_width)
 
-    capture = _StepCapture(
+    capture = (adapter.step_capture_class or _StepCapture)(
         pipe,
         attribution_prompt,
         concepts,
@@ -372,10 +399,10 @@ def guided_generate(
         map_size=map_size,
     )
     capture._device = adapter.device  # the adapter has read it already
-    if len(capture.concepts) != 2:
+    if len(capture.concepts) < 2:
         raise ValueError(
-            f"concepts must be two words of the attribution prompt (demographic, semantic), got "
-            f"{list(concepts)}"
+            "concepts must be at least two words of the attribution prompt (demographic, "
+            f"..., semantic), got {list(concepts)}"
         )
     with torch.no_grad():
         cond, uncond = adapter.encode(
@@ -404,9 +431,7 @@ def guided_generate(
             runner = StepRunner(
                 capture,
                 adapter,
-                functools.partial(
-                    _energy_unchecked, a=0, b=1, size=energy_side, settings=settings, q=q
-                ),
+                functools.partial(_energy_unchecked, size=energy_side, settings=settings, q=q),
                 mode=resolve_compile(compile, device),
                 cfg_batch=resolve_cfg_batch(cfg_batch, device),
             )
@@ -575,7 +600,7 @@ def step_energy(
     adapter = adapter_for(pipe)
     if isinstance(conditioning, torch.Tensor):
         conditioning = Conditioning(conditioning)
-    capture = _StepCapture(
+    capture = (adapter.step_capture_class or _StepCapture)(
         pipe, attribution_prompt, concepts, cfg_half="cond", blocks=blocks, map_size=map_size
     )
     capture._device = adapter.device
