@@ -12,6 +12,13 @@ Cases:
               thread each against 1 worker of one thread (target: >= 1.6x). Timed from the
               moment every actor has loaded its pipeline to the last committed row.
 
+  gpu-batch   guided (lambda 100) and plain images per second of guided_generate on the
+              SD1.5 architecture (fp16, 64x64 latent, 10 steps) at batch 1, 4, 8 and 16
+              (as memory allows), eager and compiled (torch.compile "reduce-overhead": CUDA
+              graphs), with the allocator's peak memory; CUDA only. --quick (or no GPU
+              with --cases gpu-batch) runs the same code on the tiny model on CPU, batch 1
+              and 2, eager: a smoke run of the case, not a measurement.
+
 Each setting runs the engine's own pieces: work batches from a config, BatchGenerator.run, and
 the ResultSink that writes PNGs and Parquet parts into a temporary run folder. Beyond images/s,
 the tables give the mean time a worker spent per image (the rows' `seconds`) and the engine's
@@ -24,6 +31,7 @@ against one doing both): the best 2-worker ratio the cores allowed at that momen
     PYTHONPATH=. python bench/bench_audit.py                  # both cases (about 6 min on 2 cores)
     PYTHONPATH=. python bench/bench_audit.py --cases tiny-batch --repeats 5
     PYTHONPATH=. python bench/bench_audit.py --quick          # seconds; *_quick files (smoke)
+    PYTHONPATH=. python bench/bench_audit.py --cases gpu-batch    # on a GPU machine
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
 
+from biasmap import models  # noqa: E402
 from biasmap.audit import executors  # noqa: E402
 from biasmap.audit.config import load_config  # noqa: E402
 from biasmap.audit.runner import BatchGenerator, ResultSink, work_batches  # noqa: E402
@@ -53,7 +62,8 @@ from biasmap.audit.store import ResultsStore  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ONE_AXIS = "axes={gender: {concept: gender, classes: [male, female]}}"
-CASES = ("tiny-batch", "ray-sd15")
+CASES = ("tiny-batch", "ray-sd15", "gpu-batch")
+DEFAULT_CASES = ("tiny-batch", "ray-sd15")  # gpu-batch is asked for by name
 
 
 def _grid(model: str, seeds: str, methods: str, steps: int, *extra: str):
@@ -272,9 +282,107 @@ def bench_ray(quick: bool, device: str) -> tuple[list[dict], list[list[str]]]:
     return rows, table
 
 
+def bench_gpu_batch(quick: bool, batches: list[int], compiled_batches: list[int] | None = None):
+    """(csv rows, table rows, device): images/s of plain and guided generation per batch size.
+
+    On CUDA: random SD1.5 weights, fp16, 64x64 latent (512 px), 10 steps; eager and compiled
+    ("reduce-overhead"). Without CUDA, or with quick: the tiny model on CPU, 2 steps, batch
+    1 and 2, eager only (smoke). A batch that runs out of memory ends the sweep for its
+    provider and is reported as "OOM". Compiled runs use `compiled_batches` (default: the
+    largest of `batches`): every batch shape compiles its own graphs (a minute or more each).
+    """
+    from biasmap.mitigation import guided_generate
+
+    cuda = torch.cuda.is_available() and not quick
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        pipe = models.random_sd15(0, dtype=torch.float16, device="cuda")
+        side, steps, modes = 512, 10, [False, True]
+    else:
+        pipe = models.tiny_sd(0)
+        side, steps, modes, batches = None, 2, [False], [b for b in batches if b <= 2] or [1]
+    size = f"gpu-batch:{'sd15-512px-fp16' if cuda else 'tiny-cpu'}:{steps}steps"
+    prompt = "A photo of the face of a firefighter"
+    rows, table = [], []
+    for compile_mode in modes:
+        for lambda_, kind in ((0.0, "plain"), (100.0, "guided")):
+            provider = f"{kind}:{'compiled' if compile_mode else 'eager'}"
+            sizes = batches
+            if compile_mode:
+                sizes = compiled_batches or [max(batches)]
+            for batch in sizes:
+
+                def generate(batch=batch, lambda_=lambda_, compile_mode=compile_mode):
+                    return guided_generate(
+                        pipe,
+                        [prompt] * batch,
+                        prompt + " and gender",
+                        ["gender", "firefighter"],
+                        lambda_=lambda_,
+                        num_inference_steps=steps,
+                        generator=torch.Generator().manual_seed(0),
+                        height=side,
+                        width=side,
+                        output_type="latent",
+                        compile=compile_mode,
+                        return_maps=lambda_ > 0,
+                        record_energies=lambda_ > 0,
+                    )
+
+                try:
+                    start = time.perf_counter()
+                    generate()  # warm-up (compiles)
+                    generate()
+                    warm = time.perf_counter() - start
+                    if cuda:
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    generate()
+                    if cuda:
+                        torch.cuda.synchronize()
+                    seconds = time.perf_counter() - start
+                    peak = _common.peak_memory_bytes(generate, device) / _common.BYTES_PER_MB
+                except torch.cuda.OutOfMemoryError:
+                    table.append([size, batch, provider, "OOM", "", "", ""])
+                    torch.cuda.empty_cache()
+                    break
+                images_per_s = batch / seconds
+                ms_image_step = seconds / (batch * steps) * 1e3
+                compile_s = warm - 2 * seconds if compile_mode else 0.0
+                label = _common.device_name(device)
+                rows.append(
+                    _row("gpu-batch", f"{provider}:b{batch}", size, [images_per_s], "img/s", label)
+                )
+                rows.append(
+                    _row("gpu-batch", f"{provider}:b{batch}:peak", size, [peak], "MB", label)
+                )
+                table.append(
+                    [
+                        size,
+                        batch,
+                        provider,
+                        f"{images_per_s:.3g}",
+                        f"{ms_image_step:.3g}",
+                        f"{peak:.0f}",
+                        f"{compile_s:.0f}" if compile_mode else "",
+                    ]
+                )
+    return rows, table, device
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default=",".join(CASES), help="comma list of " + ",".join(CASES))
+    parser.add_argument(
+        "--cases", default=",".join(DEFAULT_CASES), help="comma list of " + ",".join(CASES)
+    )
+    parser.add_argument(
+        "--batches", default="1,4,8,16", help="gpu-batch: comma list of batch sizes"
+    )
+    parser.add_argument(
+        "--compiled-batches",
+        default=None,
+        help="gpu-batch: batch sizes compiled (default: largest)",
+    )
     parser.add_argument("--repeats", type=int, default=7, help="tiny-batch rounds")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
     parser.add_argument("--threads", type=int, default=1, help="tiny-batch torch threads")
@@ -289,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     label = _common.device_name(device).replace("(1 thread)", "").strip()
     suffix = "_quick" if args.quick else ""
     started_load = os.getloadavg()
-    rows, sections = [], {}
+    rows, sections, case_devices = [], {}, {}
     if "tiny-batch" in cases:
         case_rows, table = bench_tiny(
             1 if args.quick else args.repeats, args.quick, label, args.threads
@@ -331,6 +439,29 @@ def main(argv: list[str] | None = None) -> None:
                 table,
             )
         )
+    if "gpu-batch" in cases:
+        batches = [int(b) for b in args.batches.split(",")]
+        compiled = (
+            [int(b) for b in args.compiled_batches.split(",")] if args.compiled_batches else None
+        )
+        case_rows, table, gpu_device = bench_gpu_batch(args.quick, batches, compiled)
+        rows += case_rows
+        case_devices["gpu-batch"] = gpu_device
+        sections["gpu-batch"] = (
+            "## guided_generate throughput by batch size, eager and compiled\n\n"
+            + _common.markdown_table(
+                [
+                    "case",
+                    "batch",
+                    "provider",
+                    "img/s",
+                    "ms per image-step",
+                    "peak MB",
+                    "compile s",
+                ],
+                table,
+            )
+        )
     header = (
         f"{label}, {os.cpu_count()} cores; {_common.versions()}\n"
         f"Load average at start (1/5/15 min): "
@@ -342,7 +473,8 @@ def main(argv: list[str] | None = None) -> None:
     for case, section in sections.items():  # one file per case: rerunning one keeps the other
         text = f"# bench_audit {case}{suffix}\n\n{header}\n{section}\n"
         print(text)
-        name = f"bench_audit_{case}_{_common.device_slug(device)}{suffix}.md"
+        slug = _common.device_slug(case_devices.get(case, device))
+        name = f"bench_audit_{case}_{slug}{suffix}.md"
         (args.results_dir / name).write_text(text)
     _common.append_csv(args.results_dir / f"bench_audit{suffix}.csv", rows)
 

@@ -1,10 +1,18 @@
 """Time per step and peak memory of energy-guided sampling against plain CFG sampling.
 
 Providers, all on the same pipeline, latents and steps:
-  plain        biasmap.guided_generate with lambda_=0: diffusers' own batched CFG step.
+  diffusers    the pipeline's own __call__ (output_type="latent"): the floor for plain.
+  plain        biasmap.guided_generate with lambda_=0, record_energies=False,
+               return_maps=False: diffusers' own batched CFG step through our loop.
+  plain+maps   lambda_=0 with every step's maps captured and its energy recorded (the
+               default of guided_generate; what the H100 run's "plain" row timed).
   guided       biasmap.guided_generate (paper preset): the chosen half with autograd.
   guided@top   the same with blocks=[<top down block>] (down-64 at 512 px), the paper's
                block targeting: the backward stops after that block.
+  guided:batched  the guided step as one batched CFG forward with autograd (the CUDA
+               default of cfg_batch="auto"); "guided" is the split CFG batch on CPU.
+  <p>:compiled  with --compile: the same under torch.compile (mode "default");
+  <p>:graphed   with --compile on CUDA: mode "reduce-overhead" (CUDA graphs).
   naive        the authors' code structure, written here: hooks store every attn2 input
                of both CFG halves with autograd, OVAM-style maps are recomputed from
                them every step, a 20-iteration Sinkhorn over the full plan (row-wise),
@@ -32,7 +40,10 @@ bench/_common.peak_memory_bytes (CPU: profiler allocation events; CUDA: allocato
 peak), above what was live before it, so the model weights are not counted; the
 "total" column adds the weights back.
 
-    python bench/bench_guided.py --cases tiny,sd15-cpu
+    python bench/bench_guided.py --cases tiny,sd15-cpu [--compile] [--threads N]
+
+Compiled providers are timed after a warm-up generation that compiles them; the compile
+time is reported in its own row (kernel "compile", unit s).
 """
 
 from __future__ import annotations
@@ -179,7 +190,9 @@ class NaiveGuidance:
         return latents
 
 
-def run_case(name: str, repeats: int | None) -> list[dict]:
+def run_case(
+    name: str, repeats: int | None, compile_modes: list[str], only: set[str] | None = None
+) -> list[dict]:
     builder, latent_side, steps, dtype, device, default_repeats = CASES[name]
     repeats = repeats or default_repeats
     pipe = builder(dtype, device)
@@ -206,17 +219,43 @@ def run_case(name: str, repeats: int | None) -> list[dict]:
             **kwargs,
         )
 
+    def diffusers_call():
+        return pipe(
+            PROMPT,
+            num_inference_steps=steps,
+            latents=fresh_latents(),
+            height=side,
+            width=side,
+            guidance_scale=7.5,  # the paper preset's, as ours uses
+            output_type="latent",
+        ).images
+
+    plain = dict(lambda_=0.0, return_maps=False, record_energies=False)
     providers = {
-        "plain": lambda: ours(lambda_=0.0, return_maps=False),
-        "guided": lambda: ours(lambda_=100.0),
+        "diffusers": diffusers_call,
+        "plain": lambda: ours(**plain),
+        "plain+maps": lambda: ours(lambda_=0.0),
+        "guided": lambda: ours(lambda_=100.0, cfg_batch="split"),
+        "guided:batched": lambda: ours(lambda_=100.0, cfg_batch="batched"),
         f"guided@{top_block}": lambda: ours(lambda_=100.0, blocks=[top_block]),
         "naive": lambda: naive.generate(steps, fresh_latents() * pipe.scheduler.init_noise_sigma),
     }
+    for mode in compile_modes:
+        suffix = "graphed" if mode == "reduce-overhead" else "compiled"
+        providers[f"plain:{suffix}"] = lambda mode=mode: ours(**plain, compile=mode)
+        providers[f"guided:{suffix}"] = lambda mode=mode: ours(lambda_=100.0, compile=mode)
+    if only:
+        providers = {k: v for k, v in providers.items() if k in only or k in ("plain", "guided")}
+    compile_seconds: dict[str, float] = {}
     weights = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
     seconds: dict[str, list[float]] = {}
     peaks: dict[str, int] = {}
     for provider, call in providers.items():
-        call()  # warm-up: lazy initialisation, allocator
+        start = time.perf_counter()
+        call()  # warm-up: lazy initialisation, allocator; compiled providers compile here
+        if ":" in provider and not provider.endswith(":batched"):
+            call()  # the second generation compiles whatever the first did not reach
+            compile_seconds[provider] = time.perf_counter() - start
         seconds[provider] = []
         for _ in range(repeats):
             if device == "cuda":
@@ -267,6 +306,12 @@ def run_case(name: str, repeats: int | None) -> list[dict]:
                     versions,
                 )
             )
+    for provider, value in compile_seconds.items():
+        rows.append(
+            _row("compile", provider, "warm-up", size, *(3 * [value]), "s", label, versions)
+        )
+    if "naive" not in seconds:
+        return rows
     naive_image = _p(seconds["naive"], 0.5) + plain_p50  # their flow adds a plain generation
     ratio_image = naive_image / _p(seconds["guided"], 0.5)
     rows.append(
@@ -436,6 +481,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="add torch.compile providers (and CUDA-graph ones on CUDA)",
+    )
+    parser.add_argument(
+        "--providers", default=None, help="comma list to run (plain and guided always run)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -449,7 +502,14 @@ def main(argv: list[str] | None = None) -> None:
         if device == "cuda" and not torch.cuda.is_available():
             print(f"skipping {name}: no CUDA device", file=sys.stderr)
             continue
-        rows += run_case(name, args.repeats) if name in CASES else run_dit_case(name, args.repeats)
+        modes = []
+        if args.compile and name in CASES:
+            modes = ["default"] + (["reduce-overhead"] if device == "cuda" else [])
+        only = set(args.providers.split(",")) if args.providers else None
+        if name in CASES:
+            rows += run_case(name, args.repeats, modes, only)
+        else:
+            rows += run_dit_case(name, args.repeats)
     table = _common.markdown_table(
         ["size", "kernel", "provider", "p50", "p20", "p80", "unit"],
         [

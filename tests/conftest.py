@@ -108,3 +108,14 @@ def flux():
     from biasmap import models
 
     return models.tiny_flux(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` run only when -m names slow (pyproject's marker says CI does not run
+    them by default); others skip themselves the same way (test_cuda_compile.py)."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

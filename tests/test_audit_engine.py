@@ -622,3 +622,24 @@ def test_bench_audit_quick_writes_its_tables(tmp_path):
     assert all(float(row["p50"]) > 0 and row["unit"] == "img/s" for row in rows)
     markdown = next(tmp_path.glob("bench_audit_tiny-batch_*_quick.md")).read_text()
     assert "batch 4" in markdown and "target 2x" in markdown
+
+
+def test_bench_audit_gpu_batch_case_runs_its_cpu_smoke_path(tmp_path):
+    """The GPU throughput case, --quick: the same code on the tiny model on CPU."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from bench import bench_audit
+
+    threads = torch.get_num_threads()
+    try:
+        bench_audit.main(
+            ["--quick", "--cases", "gpu-batch", "--batches", "1,2", "--results-dir", str(tmp_path)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    rows = list(csv.DictReader((tmp_path / "bench_audit_quick.csv").open()))
+    providers = [row["provider"] for row in rows]
+    assert "plain:eager:b1" in providers and "guided:eager:b2:peak" in providers
+    assert all(float(row["p50"]) > 0 for row in rows)
+    markdown = next(tmp_path.glob("bench_audit_gpu-batch_*_quick.md")).read_text()
+    assert "guided:eager" in markdown

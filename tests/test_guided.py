@@ -693,9 +693,9 @@ def test_the_sampler_drives_the_pipeline_through_the_registered_adapter(pipe, mo
     calls = []
 
     class RecordingAdapter(adapters.UNetAdapter):
-        def denoise(self, latents, timestep, conditioning):
-            calls.append((latents.shape[0], conditioning.rows, torch.is_grad_enabled()))
-            return super().denoise(latents, timestep, conditioning)
+        def denoise_scaled(self, sample, timestep, conditioning):
+            calls.append((sample.shape[0], conditioning.rows, torch.is_grad_enabled()))
+            return super().denoise_scaled(sample, timestep, conditioning)
 
     kwargs = dict(num_inference_steps=2, generator=_gen(1), output_type="latent")
     expected = guided_generate(pipe, P, A, CONCEPTS, guidance_steps=[1], **kwargs)

@@ -401,6 +401,9 @@ class AuditConfig(_Strict):
     # Keep each image's attribution maps in its row (float16; `biasmap report --q` needs them).
     # Off saves the disk (about 110 KB per SD1.5 image); the stored metrics are the same.
     store_maps: bool = True
+    # torch.compile the denoiser step (guided_generate's compile=): true (CUDA graphs on
+    # CUDA), false, or a torch.compile mode name. Compiles once per worker and batch shape.
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -509,8 +512,8 @@ class AuditConfig(_Strict):
         Left out: the grid itself (professions, seeds, methods, lambdas and which axes are in it:
         they are in the key, so a run can be extended with more of them and resumed), and what
         only changes where or how the work runs (output, batch_size, executor, workers, threads,
-        ray_address, device, fid_weights, store_maps). device and batch_size can change the last
-        bits of floating-point results, not what the experiment is.
+        ray_address, device, fid_weights, store_maps, compile). device, batch_size and compile
+        can change the last bits of floating-point results, not what the experiment is.
         """
         identity = self.model_dump(include=set(HASHED_FIELDS))
         if PLANTED in (self.model, self.clip_model):

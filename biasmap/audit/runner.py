@@ -281,6 +281,7 @@ class BatchGenerator:
             num_images_per_prompt=len(batch),
             height=config.image_size,
             width=config.image_size,
+            compile=config.compile,
         )
         # The metrics are measured on the float16 maps the row stores, so that re-thresholding
         # them later (biasmap report --q) reproduces a fresh run exactly.

@@ -283,6 +283,7 @@ class DiTTrace:
             self._handles.append(
                 transformer.register_forward_pre_hook(self._on_transformer_call, with_kwargs=True)
             )
+            self._handles.append(transformer.register_forward_hook(self._after_transformer_call))
             for block in self._blocks:
                 module = block.module
                 self._handles.append(
@@ -307,6 +308,12 @@ class DiTTrace:
             self._restore()
             raise
         return self
+
+    def _after_transformer_call(self, module, args, output) -> None:
+        """Add this call's captured block maps into the generation's running sums (the
+        blocks' hooks write each call's maps apart: biasmap.discovery.processors)."""
+        if self._state is not None:
+            self._state.commit_step(self._state.pop_step())
 
     def _restore(self) -> None:
         for handle in reversed(self._handles):

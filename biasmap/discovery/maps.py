@@ -28,7 +28,12 @@ def aggregate_blocks(
     size = tuple(size)
     if aggregation == "one-stage":
         return ops.resize_aggregate(list(block_maps), size)
-    largest = max((tuple(m.shape[-2:]) for m in block_maps), key=lambda hw: hw[0] * hw[1])
+    # A plain loop rather than max(key=...), which torch.compile cannot trace.
+    largest = tuple(block_maps[0].shape[-2:])
+    for block in block_maps[1:]:
+        height, width = block.shape[-2:]
+        if height * width > largest[0] * largest[1]:
+            largest = (height, width)
     summed = ops.resize_aggregate(list(block_maps), largest)
     if largest == size:
         return summed

@@ -58,16 +58,20 @@ class CaptureState:
     block_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     layer_calls: dict[str, int] = field(default_factory=dict)  # per block key, this generation
-    # Guided sampling (biasmap.mitigation) also needs each UNet call's maps on their own,
-    # with the graph back to the queries; a trace leaves these off.
-    keep_step: bool = False
+    # Attn2 layers per block key: a call that captures a block adds this many layer maps.
+    layers_per_block: dict[str, int] = field(default_factory=dict)
+    # This denoiser call's maps per block, with their autograd graph when differentiable.
+    # The processors only ever write here; `commit_step` adds them into `sums` after the
+    # call. Keeping the running sums and the int counters out of the call is what lets the
+    # denoiser run under torch.compile: the compiled code has no state that changes from
+    # step to step (an int that does would make dynamo recompile at every step).
     differentiable: bool = False
     step_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     # The processor after whose slice no later layer needs a graph (block targeting).
     grad_cutoff: object | None = None
 
     def add(self, block_key: str, columns: torch.Tensor) -> None:
-        """Add concept columns [B, C, N] of one layer call into the block's running sum."""
+        """Add concept columns [B, C, N] of one layer call into this call's block map."""
         height, width = self.block_sizes[block_key]
         batch, num_concepts, num_queries = columns.shape
         if height * width != num_queries:
@@ -79,15 +83,24 @@ class CaptureState:
         columns = columns.reshape(batch, num_concepts, height, width)
         if columns.dtype != torch.float64:  # float16/bfloat16 pipelines accumulate in float32
             columns = columns.float()
-        if self.keep_step:
-            previous = self.step_sums.get(block_key)
-            self.step_sums[block_key] = columns if previous is None else previous + columns
-            columns = columns.detach()
-        if block_key in self.sums:
-            self.sums[block_key] += columns
-        else:
-            self.sums[block_key] = columns.clone()
-        self.layer_calls[block_key] = self.layer_calls.get(block_key, 0) + 1
+        previous = self.step_sums.get(block_key)
+        self.step_sums[block_key] = columns if previous is None else previous + columns
+
+    def pop_step(self) -> dict[str, torch.Tensor]:
+        """This call's block maps {block key: [B, C, h, w]} (graph kept); empties them."""
+        step, self.step_sums = self.step_sums, {}
+        return step
+
+    def commit_step(self, step_maps: dict[str, torch.Tensor]) -> None:
+        """Add one call's block maps (from `pop_step`) into the generation's running sums."""
+        for block_key, value in step_maps.items():
+            value = value.detach()
+            if block_key in self.sums:
+                self.sums[block_key] += value
+            else:
+                self.sums[block_key] = value.clone()
+            calls = self.layers_per_block.get(block_key, 1)
+            self.layer_calls[block_key] = self.layer_calls.get(block_key, 0) + calls
 
 
 def _query_like_attn_processor(attn, hidden_states: torch.Tensor, temb=None) -> torch.Tensor:

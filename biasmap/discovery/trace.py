@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -213,7 +214,10 @@ class Trace:
         blocks: str | Sequence[str] = "default",
         map_size: int | tuple[int, int] | None = None,
         timesteps=None,
+        compile: bool = False,
     ):
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, got {compile!r}")
         if cfg_half not in CFG_HALVES:
             raise ValueError(f"cfg_half must be one of {list(CFG_HALVES)}, got {cfg_half!r}")
         if softmax_over not in SOFTMAX_DOMAINS:
@@ -255,6 +259,9 @@ class Trace:
         self._originals: list[tuple[object, object]] = []
         self._processors = []
         self._unet_hook = None
+        self._unet_post_hook = None
+        self._compile = compile
+        self._device = None  # the execution device when the caller knows it (guided sampling)
         self._entered = False
         # Per generation: names of the captured blocks, step counter, steps captured.
         self._names: dict[str, str] = {}
@@ -266,7 +273,7 @@ class Trace:
 
     # ------------------------------------------------------------------ setup / teardown
 
-    def _encode_attribution_prompt(self) -> torch.Tensor:
+    def _encode_attribution_prompt(self, device: torch.device) -> torch.Tensor:
         """P''s encoder hidden states [1, L, D], encoded as the pipeline encodes prompts.
 
         With softmax_over="prompt" only P''s real tokens (start- through end-of-text) take
@@ -276,7 +283,6 @@ class Trace:
         no padding to mask: the same maps, for a fraction of the text encoder's and the
         slice's cost. "padded" encodes all 77 positions.
         """
-        device = self.pipe._execution_device
         length = (
             self.tokens.num_real_tokens if self.softmax_over == "prompt" else self.tokens.num_keys
         )
@@ -315,7 +321,9 @@ class Trace:
             raise RuntimeError(
                 "this trace is already active; create a new biasmap.trace(...) per with-block"
             )
-        device = self.pipe._execution_device
+        # At most one read: diffusers' _execution_device walks every module's hooks (16 ms on
+        # the tiny pipeline on this CPU, more on SD1.5).
+        device = self._device if self._device is not None else self.pipe._execution_device
         mean_matrix = None
         if any(len(p) > 1 for p in self.tokens.positions):
             mean_matrix = self.tokens.mean_matrix(device=device)
@@ -324,7 +332,8 @@ class Trace:
             mean_matrix=mean_matrix,
             # The keys hold exactly the softmax domain (see _encode_attribution_prompt): no mask.
             key_mask=None,
-            text_states=self._encode_attribution_prompt(),
+            text_states=self._encode_attribution_prompt(device),
+            layers_per_block=dict(Counter(key for key, _ in self._layers)),
         )
         self._entered = True
         try:
@@ -337,6 +346,15 @@ class Trace:
             self._unet_hook = self.pipe.unet.register_forward_pre_hook(
                 self._on_unet_call, with_kwargs=True
             )
+            self._unet_post_hook = self.pipe.unet.register_forward_hook(self._after_unet_call)
+            if self._compile:
+                # Only forward is compiled (an instance attribute, removed on exit): the
+                # hooks above keep the step count and the running sums eagerly, so the
+                # compiled code sees the same state at every step and compiles once per
+                # capturing / non-capturing call.
+                from ..mitigation.compiled import compiled_forward
+
+                self.pipe.unet.forward = compiled_forward(self.pipe.unet)
         except BaseException:
             self._restore()
             raise
@@ -349,7 +367,12 @@ class Trace:
             processor.remove_hook()
         if self._unet_hook is not None:
             self._unet_hook.remove()
+        if self._unet_post_hook is not None:
+            self._unet_post_hook.remove()
+        if "forward" in vars(self.pipe.unet):  # the compiled forward of compile=True
+            del self.pipe.unet.forward
         self._originals, self._processors, self._unet_hook = [], [], None
+        self._unet_post_hook = None
         if self._state is not None:
             self._state.capturing = False
         self._entered = False
@@ -440,6 +463,10 @@ class Trace:
         self._state.capturing = self._step in self._selected
         self._steps_captured += self._state.capturing
 
+    def _after_unet_call(self, module, args, output) -> None:
+        """Add this call's captured block maps into the generation's running sums."""
+        self._state.commit_step(self._state.pop_step())
+
     # ------------------------------------------------------------------ results
 
     @property
@@ -503,6 +530,7 @@ def trace(
     timesteps=None,
     text_stream: str = "auto",
     keys: str = "auto",
+    compile: bool = False,
 ):
     """Capture concept attribution maps while `pipe` generates inside a `with` block.
 
@@ -539,6 +567,9 @@ def trace(
     keys: "auto" (in-prompt when P' encodes to the generation's text, else side stream),
     "in-prompt" or "side-stream". UNet pipelines accept only "auto" for both.
 
+    compile: run the UNet's forward under torch.compile (capture processors included) for
+    the duration of the block; the first call of each kind (capturing or not) compiles.
+
     Returns a context manager; use `with biasmap.trace(...) as tr: pipe(...)`, then `tr.maps()`.
     """
     from .dit import DiTTrace, mmdit_family
@@ -551,6 +582,10 @@ def trace(
         timesteps=timesteps,
     )
     if mmdit_family(pipe) is not None:
+        if compile:
+            raise ValueError(
+                "compile=True is implemented for UNet pipelines; MM-DiT traces run eager"
+            )
         return DiTTrace(
             pipe, attribution_prompt, concepts, **options, text_stream=text_stream, keys=keys
         )
@@ -560,4 +595,4 @@ def trace(
                 f"{name}={value!r} applies to MM-DiT pipelines (SD3, Flux) only; a UNet "
                 f"pipeline's keys come from its one text encoder: leave {name}='auto'"
             )
-    return Trace(pipe, attribution_prompt, concepts, **options)
+    return Trace(pipe, attribution_prompt, concepts, **options, compile=compile)

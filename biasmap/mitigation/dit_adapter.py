@@ -94,7 +94,6 @@ class DiTStepCapture(DiTTrace):
             key_mask=None,
             text_states=torch.empty(0),
             capture_blocks=set(self._selected_names),
-            keep_step=True,
         )
         self._grid = tuple(latent_size)
         self._layout_key = None
@@ -129,14 +128,16 @@ class DiTStepCapture(DiTTrace):
             return (preset_side, preset_side)
         return self._grid
 
+    def _after_transformer_call(self, module, args, output) -> None:
+        """The sampler takes each call's maps itself (take_step_maps)."""
+
     def take_step_maps(self) -> dict[str, torch.Tensor]:
-        """This step's block sums {name: [B, C, h, w]} (graph kept if differentiable)."""
+        """This call's block sums {name: [B, C, h, w]} (graph kept if differentiable), also
+        added into the run's running sums."""
         state = self._state
-        maps = {
-            name: state.step_sums[name] for name in self._selected_names if name in state.step_sums
-        }
-        state.step_sums = {}
-        return maps
+        step = state.pop_step()
+        state.commit_step(step)
+        return {name: step[name] for name in self._selected_names if name in step}
 
 
 def _resolution_shift(config, tokens: int, default_max_shift: float) -> float:
@@ -317,7 +318,10 @@ class DiTAdapter(DenoiserAdapter):
     def step_kwargs(self, generator):
         return {}
 
-    def denoise(self, latents, timestep, conditioning):
+    def scale_input(self, latents, timestep):
+        return latents  # the flow-matching Euler scheduler feeds z_t unscaled
+
+    def denoise_scaled(self, latents, timestep, conditioning):
         transformer = self.pipe.transformer
         rows = latents.shape[0]
         if self.kind == "sd3":

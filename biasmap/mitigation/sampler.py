@@ -35,6 +35,7 @@ from .. import ops
 from ..discovery.maps import AGGREGATIONS, AttributionMaps, aggregate_blocks
 from ..discovery.trace import Trace, _selected_steps
 from .adapters import Conditioning, DenoiserAdapter, adapter_for, alphabar, guidance_factor
+from .compiled import StepRunner, resolve_cfg_batch, resolve_compile
 from .fair_diffusion import FairDiffusion, SemanticGuidance
 from .memory import retain_freed_memory
 from .presets import PRESETS, GuidanceSettings
@@ -48,10 +49,10 @@ class GuidedOutput:
     """Result of `guided_generate`.
 
     images: PIL images (or the `output_type` diffusers gives); energies: [steps, B]
-    float32 SoftIoU of each step's maps; grad_norms: [steps, B] ||dE/dz_t||_2 (0 on
-    unguided steps); applied: bool [steps, B], whether guidance was added; maps:
-    AttributionMaps summed over all steps of the chosen half (None if
-    return_maps=False); settings: the resolved GuidanceSettings.
+    float32 SoftIoU of each step's maps (NaN where record_energies=False skipped it);
+    grad_norms: [steps, B] ||dE/dz_t||_2 (0 on unguided steps); applied: bool [steps, B],
+    whether guidance was added; maps: AttributionMaps summed over all steps of the chosen
+    half (None if return_maps=False); settings: the resolved GuidanceSettings.
     """
 
     images: list
@@ -100,10 +101,12 @@ class _StepCapture(Trace):
         self._configure_blocks(*latent_size)
         self._batch_shape = tuple(latent_size)
         state = self._state
-        state.keep_step = True
         state.sums, state.layer_calls, state.step_sums = {}, {}, {}
         self._num_steps, self._selected = num_steps, set(range(num_steps))
         self._steps_captured = num_steps
+
+    def _after_unet_call(self, module, args, output) -> None:
+        """The sampler takes each call's maps itself (StepRunner, take_step_maps)."""
 
     def call_denoiser(
         self,
@@ -176,11 +179,12 @@ class _StepCapture(Trace):
         return max(sizes, key=lambda hw: hw[0] * hw[1])
 
     def take_step_maps(self) -> dict[str, torch.Tensor]:
-        """This step's block sums {name: [B, C, h, w]} (graph kept if differentiable)."""
+        """This call's block sums {name: [B, C, h, w]} (graph kept if differentiable), also
+        added into the run's running sums."""
         state = self._state
-        maps = {self._names[key]: value for key, value in state.step_sums.items()}
-        state.step_sums = {}
-        return maps
+        step = state.pop_step()
+        state.commit_step(step)
+        return {self._names[key]: value for key, value in step.items()}
 
 
 def _energy(
@@ -197,38 +201,54 @@ def _energy(
     step); callers check the energy once instead (_require_finite).
     """
     with ops.skip_value_checks():
-        maps = aggregate_blocks(list(step_maps.values()), size, settings.aggregation)
-        batch, concepts, height, width = maps.shape
-        # [C * B, S_h, S_w]: the demographic concepts' maps, then the semantic one's.
-        stacked = torch.cat([maps[:, index] for index in range(concepts)])
-        if settings.topk_scope == "row":
-            rows = stacked.reshape(concepts * batch * height, width)
-            k = ops.topk_count(width, q)
-        else:
-            rows = stacked.reshape(concepts * batch, height * width)
-            k = ops.topk_count(height * width, q)
-        masks = ops.soft_topk(
-            rows,
-            k,
-            settings.tau,
-            solver=settings.solver,
-            iters=settings.iters,
-            normalize=settings.normalize,
-        ).reshape(concepts * batch, height * width)
-        semantic = masks[(concepts - 1) * batch :]
-        energies = [
-            ops.soft_iou(masks[index * batch : (index + 1) * batch], semantic, settings.eps)
-            for index in range(concepts - 1)
-        ]
-        if len(energies) == 1:
-            return energies[0]
-        return torch.stack(energies).mean(dim=0)
+        return _energy_unchecked(step_maps, size, settings, q)
 
 
-def _require_finite(energy: torch.Tensor, step: int) -> None:
-    """A NaN energy means NaN attribution maps (soft top-k and SoftIoU stay finite on any
-    finite maps): raise rather than guide with a NaN gradient."""
-    if torch.isnan(energy).any():
+def _energy_unchecked(step_maps, size, settings, q) -> torch.Tensor:
+    """_energy without entering skip_value_checks (the caller has, or runs it compiled)."""
+    maps = aggregate_blocks(list(step_maps.values()), size, settings.aggregation)
+    batch, concepts, height, width = maps.shape
+    # [C * B, S_h, S_w]: the demographic concepts' maps, then the semantic one's.
+    stacked = torch.cat([maps[:, index] for index in range(concepts)])
+    if settings.topk_scope == "row":
+        rows = stacked.reshape(concepts * batch * height, width)
+        k = ops.topk_count(width, q)
+    else:
+        rows = stacked.reshape(concepts * batch, height * width)
+        k = ops.topk_count(height * width, q)
+    masks = ops.soft_topk(
+        rows,
+        k,
+        settings.tau,
+        solver=settings.solver,
+        iters=settings.iters,
+        normalize=settings.normalize,
+    ).reshape(concepts * batch, height * width)
+    semantic = masks[(concepts - 1) * batch :]
+    energies = [
+        ops.soft_iou(masks[index * batch : (index + 1) * batch], semantic, settings.eps)
+        for index in range(concepts - 1)
+    ]
+    if len(energies) == 1:
+        return energies[0]
+    return torch.stack(energies).mean(dim=0)
+
+
+def _require_finite(energies: torch.Tensor, steps: list[int] | None = None) -> None:
+    """Raise naming the first of `steps` (default all) whose energy is NaN; energies:
+    [steps, B] (one host sync).
+
+    A NaN energy means NaN attribution maps (soft top-k and SoftIoU stay finite on any
+    finite maps), so the denoiser produced NaN."""
+    if steps is not None:
+        steps = [step for step in steps if step < energies.shape[0]]
+        if not steps:
+            return
+        energies = energies[steps]
+    bad = torch.isnan(energies).flatten(1).any(dim=1)
+    if bool(bad.any()):
+        step = int(bad.nonzero()[0, 0])
+        step = steps[step] if steps is not None else step
         raise ValueError(
             f"the guidance energy is NaN at step {step}: the attribution maps contain NaN, so "
             "the denoiser produced NaN (in float16, try float32 or a smaller lambda_)"
@@ -303,6 +323,9 @@ def guided_generate(
     width: int | None = None,
     topk_scope: str | None = None,
     output_type: str = "pil",
+    compile: bool | str = False,
+    cfg_batch: str = "auto",
+    record_energies: bool = True,
 ) -> GuidedOutput:
     """Generate with BiasMap's energy guidance (Algorithm 1) and record the run's maps.
 
@@ -330,6 +353,14 @@ def guided_generate(
     or a FairDiffusion with its SEGA settings).
     map_size: side of the guidance maps and of the final maps (default: the preset's
     guidance_map_size and final_map_size, else the largest attention resolution).
+    compile: run each denoiser call, with the energy, under torch.compile (True: on CUDA mode
+    "reduce-overhead", i.e. CUDA graphs; elsewhere "default"; or a torch.compile mode name).
+    The first steps compile (seconds to minutes); see biasmap.mitigation.compiled.
+    cfg_batch: "auto" ("batched" on CUDA, "split" elsewhere), "split" (the guided CFG half
+    alone with autograd) or "batched" (one forward over the whole CFG batch with autograd).
+    record_energies: False lets unguided steps skip the map capture and the energy when
+    return_maps is False too (their energies are then NaN): exactly diffusers' step, for
+    plain sampling at diffusers' speed.
     Returns GuidedOutput: images, energies [steps, B], grad_norms [steps, B], maps.
     """
     _check_arguments(lambda_, q, preset, num_inference_steps)
@@ -367,6 +398,7 @@ def guided_generate(
         blocks=blocks,
         map_size=map_size,
     )
+    capture._device = adapter.device  # the adapter has read it already
     if len(capture.concepts) < 2:
         raise ValueError(
             "concepts must be at least two words of the attribution prompt (demographic, "
@@ -386,64 +418,48 @@ def guided_generate(
 
     num_steps = len(timesteps)
     guided = _selected_steps(guidance_steps, num_steps) if lambda_ > 0 else set()
-    energies = torch.zeros(num_steps, batch)
-    grad_norms = torch.zeros(num_steps, batch)
-    applied = torch.zeros(num_steps, batch, dtype=torch.bool)
+    device = latents.device
     sega = SemanticGuidance(fair) if fair is not None else None
     denoiser = adapter.denoiser
     denoiser_requires_grad = [p.requires_grad for p in denoiser.parameters()]
     denoiser.requires_grad_(False)  # frozen weights: the backward computes no weight gradients
     try:
-        with capture, torch.no_grad():
+        # The ops' NaN checks would be a host sync each; the lazy check below covers them.
+        with capture, torch.no_grad(), ops.skip_value_checks():
             capture.begin(num_steps, adapter.latent_grid(latents))
+            energy_side = capture.map_side(settings.guidance_map_size)
+            runner = StepRunner(
+                capture,
+                adapter,
+                functools.partial(_energy_unchecked, size=energy_side, settings=settings, q=q),
+                mode=resolve_compile(compile, device),
+                cfg_batch=resolve_cfg_batch(cfg_batch, device),
+            )
+            run = _Run(
+                runner=runner,
+                settings=settings,
+                cond=cond,
+                uncond=uncond,
+                edits=edits,
+                all_rows=all_rows,
+                sega=sega,
+                guided=guided,
+                capture_plain=record_energies or return_maps,
+                # Host-side constants, read before the loop so that no step reads a tensor back.
+                scales=[lambda_ * adapter.guidance_factor(t) for t in timesteps.cpu()]
+                if guided
+                else [],
+                energies=torch.full((num_steps, batch), float("nan"), device=device),
+                grad_norms=torch.zeros(num_steps, batch, device=device),
+                applied=torch.zeros(num_steps, batch, dtype=torch.bool, device=device),
+            )
             for step, t in enumerate(timesteps):
-                guide = step in guided
-                rows_uncond, rows_cond = slice(0, batch), slice(batch, 2 * batch)
-                guided_rows = rows_cond if settings.cfg_half == "cond" else rows_uncond
-                if not use_cfg:
-                    guided_rows = slice(None)
-                grad = None
-                if not guide:
-                    # Exactly diffusers' step: one batched forward over [uncond, cond, edits].
-                    copies = all_rows.rows // batch
-                    sample = torch.cat([latents] * copies) if copies > 1 else latents
-                    output_all = capture.call_denoiser(
-                        adapter, sample, t, all_rows, rows=guided_rows, capture=True
-                    )
-                    step_maps = capture.take_step_maps()
-                    step_side = capture.map_side(settings.guidance_map_size)
-                    energy = _energy(step_maps, step_side, settings, q)
-                    if use_cfg:
-                        chunks = output_all.chunk(copies)
-                        out_uncond, out_cond, out_edits = chunks[0], chunks[1], chunks[2:]
-                    else:
-                        out_cond = output_all
-                else:
-                    out_uncond, out_cond, out_edits, energy, grad = _guided_forward(
-                        capture, adapter, latents, t, settings, q, cond, uncond, edits
-                    )
-                energies[step] = energy.detach().float().cpu()
-                _require_finite(energies[step], step)
-                if use_cfg:
-                    guidance = settings.guidance_scale * (out_cond - out_uncond)
-                    if sega is not None:
-                        edit = sega(step, out_uncond, out_edits)
-                        if edit is not None:
-                            guidance = guidance + edit
-                    output = out_uncond + guidance
-                else:
-                    output = out_cond
-                if grad is not None:
-                    norms = grad.flatten(1).norm(dim=1).float()
-                    grad_norms[step] = norms.cpu()
-                    use = torch.ones_like(norms, dtype=torch.bool)
-                    if settings.grad_norm_gate is not None:
-                        use = norms < settings.grad_norm_gate
-                    applied[step] = use.cpu()
-                    scale = lambda_ * adapter.guidance_factor(t)
-                    gate = use.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
-                    output = output + scale * gate * grad.to(output.dtype)
+                runner.begin_step()
+                output = _step_output(run, step, t, latents)
                 latents = scheduler.step(output, t, latents, **step_kwargs, return_dict=False)[0]
+                if (step + 1) % NAN_CHECK_EVERY == 0:
+                    _require_finite(run.energies[: step + 1], run.recorded_steps)
+            _require_finite(run.energies, run.recorded_steps)
             maps = None
             if return_maps:
                 final_size = None  # map_size, else the largest attention resolution
@@ -455,8 +471,93 @@ def guided_generate(
             parameter.requires_grad_(flag)
     images = adapter.decode(latents, generator, output_type)
     return GuidedOutput(
-        images, energies, grad_norms, applied, maps, settings, tuple(capture.concepts), q
+        images,
+        run.energies.cpu(),
+        run.grad_norms.cpu(),
+        run.applied.cpu(),
+        maps,
+        settings,
+        tuple(capture.concepts),
+        q,
     )
+
+
+# How often (in steps) guided_generate reads the energies back to check them for NaN: one
+# host sync per check, none inside a step.
+NAN_CHECK_EVERY = 10
+
+
+@dataclass
+class _Run:
+    """What every step of one guided_generate call shares (records live on the device)."""
+
+    runner: StepRunner
+    settings: GuidanceSettings
+    cond: Conditioning
+    uncond: Conditioning | None
+    edits: list[Conditioning]
+    all_rows: Conditioning
+    sega: SemanticGuidance | None
+    guided: set[int]
+    capture_plain: bool  # whether unguided steps capture maps and record their energy
+    scales: list[float]  # lambda * guidance factor, per step
+    energies: torch.Tensor  # [steps, B] float32, NaN where not recorded
+
+    @property
+    def recorded_steps(self) -> list[int]:
+        steps = range(self.energies.shape[0])
+        return [step for step in steps if self.capture_plain or step in self.guided]
+
+    grad_norms: torch.Tensor  # [steps, B] float32
+    applied: torch.Tensor  # [steps, B] bool
+
+
+def _step_output(run: _Run, step: int, t, latents: torch.Tensor) -> torch.Tensor:
+    """The output handed to scheduler.step at `step` for z_t [B, ...]: CFG, Fair Diffusion
+    and, on guided steps, lambda * f_t * dE/dz_t.
+
+    No host syncs: the energy, gradient norm and gate are written into the run's device
+    records, and the official preset's norm gate is a torch.where, not a Python branch.
+    """
+    settings = run.settings
+    use_cfg = run.uncond is not None
+    batch = latents.shape[0]
+    grad = None
+    if step not in run.guided:
+        # Exactly diffusers' step: one batched forward over [uncond, cond, edits].
+        rows = slice(None)
+        if use_cfg:
+            rows = slice(batch, 2 * batch) if settings.cfg_half == "cond" else slice(0, batch)
+        outputs, energy = run.runner.plain(
+            latents, t, run.all_rows, rows, capture=run.capture_plain
+        )
+    else:
+        outputs, energy, grad = run.runner.guided(
+            latents, t, run.cond, run.uncond, run.edits, settings.cfg_half
+        )
+    if energy is not None:
+        run.energies[step] = energy.detach().float()
+    if use_cfg:
+        out_uncond, out_cond, out_edits = outputs[0], outputs[1], outputs[2:]
+        guidance = settings.guidance_scale * (out_cond - out_uncond)
+        if run.sega is not None:
+            edit = run.sega(step, out_uncond, out_edits)
+            if edit is not None:
+                guidance = guidance + edit
+        output = out_uncond + guidance
+    else:
+        output = outputs[0]
+    if grad is not None:
+        norms = grad.flatten(1).norm(dim=1).float()
+        run.grad_norms[step] = norms
+        use = torch.ones_like(norms, dtype=torch.bool)
+        if settings.grad_norm_gate is not None:
+            use = norms < settings.grad_norm_gate
+        run.applied[step] = use
+        term = (run.scales[step] * grad).to(output.dtype)
+        gate = use.view(-1, *([1] * (grad.dim() - 1)))
+        output = output + torch.where(gate, term, torch.zeros_like(term))
+    return output
 
 
 def _resolve_settings(preset, **overrides) -> GuidanceSettings:
@@ -502,42 +603,11 @@ def step_energy(
     capture = (adapter.step_capture_class or _StepCapture)(
         pipe, attribution_prompt, concepts, cfg_half="cond", blocks=blocks, map_size=map_size
     )
+    capture._device = adapter.device
     with capture, torch.no_grad():
         capture.begin(1, adapter.latent_grid(latents))
         energy, grad, _ = capture.energy_and_grad(
             adapter, latents, timestep, conditioning, settings, q, cut_graph
         )
-    _require_finite(energy, 0)
+    _require_finite(energy[None])
     return energy, grad
-
-
-def _guided_forward(capture, adapter, latents, t, settings, q, cond, uncond, edits):
-    """One guided step's denoiser work: (out_uncond, out_cond, out_edits, energy [B], dE/dz_t).
-
-    cond, uncond (None without CFG), edits: Conditioning of B rows each. The chosen CFG half
-    runs with autograd; the other half and the edit rows run in one no-grad call.
-    """
-    use_cfg = uncond is not None
-    guided = cond if settings.cfg_half == "cond" else uncond
-    other = []
-    if use_cfg:
-        other = [uncond] if settings.cfg_half == "cond" else [cond]
-    other += list(edits)
-    out_other = []
-    if other:
-        out_other = capture.call_denoiser(
-            adapter,
-            torch.cat([latents] * len(other)),
-            t,
-            Conditioning.cat(other),
-            rows=slice(0, 0),
-            capture=False,
-        ).chunk(len(other))
-    energy, grad, out_guided = capture.energy_and_grad(adapter, latents, t, guided, settings, q)
-    if not use_cfg:
-        return None, out_guided, [], energy, grad
-    if settings.cfg_half == "cond":
-        out_uncond, out_cond = out_other[0], out_guided
-    else:
-        out_uncond, out_cond = out_guided, out_other[0]
-    return out_uncond, out_cond, list(out_other[1:]), energy, grad

@@ -42,6 +42,10 @@ NATIVE_OPS: dict[str, tuple[str, ...]] = {
     "mask_iou": ("mask_iou",),
 }
 OPS = tuple(NATIVE_OPS)
+for _names in NATIVE_OPS.values():  # fill native.KERNELS now, outside any compiled region
+    for _name in _names:
+        for _key in ("CPU", "CUDA"):
+            native.has_kernel(_name, _key)
 
 
 @dataclass(frozen=True)

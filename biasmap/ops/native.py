@@ -9,7 +9,6 @@ calls its hand-written backward op (pytorch/extension-cpp's pattern).
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import warnings
@@ -42,13 +41,24 @@ def _load_extension() -> str | None:
 LOAD_ERROR: str | None = _load_extension()
 
 
-@functools.cache  # registrations happen once, when _C loads; the lookup costs ~6 us per call
+# (op name, dispatch key) -> registered. The registrations happen once, when _C loads, so
+# lookups are cached (~6 us each otherwise). backends.py fills the table for every op at
+# import: torch.compile then reads a plain dict, where OpOverload's own lookup would be a
+# graph break in every op call.
+KERNELS: dict[tuple[str, str], bool] = {}
+
+
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
     """Whether biasmap::<op_name> is registered with a kernel for `dispatch_key` ("CPU"/"CUDA")."""
-    if LOAD_ERROR is not None:
-        return False
-    packet = getattr(torch.ops.biasmap, op_name, None)
-    return packet is not None and packet.default.has_kernel_for_dispatch_key(dispatch_key)
+    known = KERNELS.get((op_name, dispatch_key))
+    if known is not None:
+        return known
+    found = False
+    if LOAD_ERROR is None:
+        packet = getattr(torch.ops.biasmap, op_name, None)
+        found = packet is not None and packet.default.has_kernel_for_dispatch_key(dispatch_key)
+    KERNELS[(op_name, dispatch_key)] = found
+    return found
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
