@@ -287,25 +287,7 @@ def run_case(
                 versions,
             )
         )
-        for kind, nbytes in (
-            ("peak", peaks[provider]),
-            ("peak+weights", peaks[provider] + weights),
-        ):
-            mb = nbytes / _common.BYTES_PER_MB
-            rows.append(
-                _row(
-                    "guided_memory",
-                    f"{provider}:{kind}",
-                    "e2e",
-                    size,
-                    mb,
-                    mb,
-                    mb,
-                    "MB",
-                    label,
-                    versions,
-                )
-            )
+        rows += _memory_rows(provider, peaks[provider], weights, size, label, versions)
     for provider, value in compile_seconds.items():
         rows.append(
             _row("compile", provider, "warm-up", size, *(3 * [value]), "s", label, versions)
@@ -411,25 +393,7 @@ def run_dit_case(name: str, repeats: int | None) -> list[dict]:
                     versions,
                 )
             )
-        for kind, nbytes in (
-            ("peak", peaks[provider]),
-            ("peak+weights", peaks[provider] + weights),
-        ):
-            mb = nbytes / _common.BYTES_PER_MB
-            rows.append(
-                _row(
-                    "guided_memory",
-                    f"{provider}:{kind}",
-                    "e2e",
-                    size,
-                    mb,
-                    mb,
-                    mb,
-                    "MB",
-                    label,
-                    versions,
-                )
-            )
+        rows += _memory_rows(provider, peaks[provider], weights, size, label, versions)
     return rows
 
 
@@ -471,6 +435,28 @@ def _row(kernel, provider, mode, size, p50, p20, p80, unit, device, versions) ->
         device=device,
         versions=versions,
     )
+
+
+def _memory_rows(provider, peak, weights, size, label, versions) -> list[dict]:
+    """CSV rows of a provider's peak memory, above the live weights and with them, in MB."""
+    rows = []
+    for kind, nbytes in (("peak", peak), ("peak+weights", peak + weights)):
+        mb = nbytes / _common.BYTES_PER_MB
+        rows.append(
+            _row(
+                "guided_memory",
+                f"{provider}:{kind}",
+                "e2e",
+                size,
+                mb,
+                mb,
+                mb,
+                "MB",
+                label,
+                versions,
+            )
+        )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
