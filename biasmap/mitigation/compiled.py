@@ -67,9 +67,27 @@ def resolve_compile(compile: bool | str, device: torch.device) -> str | None:
     return compile
 
 
+# inductor's CPU kernel fusion (torch 2.13) miscompiles the backward of diffusers' UpBlock2D: the
+# forward is exact, the gradient with respect to the block's input comes out zero
+# (bench/inductor_upblock_gradient.py reproduces it; aot_eager and every sub-module compiled
+# alone are exact). Without fusion the compiled guided step matches eager, so CPU compiles
+# fuse nothing; CUDA keeps its mode until a GPU run says otherwise.
+CPU_INDUCTOR_OPTIONS = {"max_fusion_size": 1}
+
+
+def compile_for(fn: Callable, mode: str, device: torch.device) -> Callable:
+    """fn under torch.compile with static shapes (a new batch shape recompiles): `mode` on
+    CUDA; on CPU the default mode with CPU_INDUCTOR_OPTIONS (torch takes a mode or options,
+    not both)."""
+    if device.type == "cpu":
+        return torch.compile(fn, dynamic=False, options=dict(CPU_INDUCTOR_OPTIONS))
+    return torch.compile(fn, mode=mode, dynamic=False)
+
+
 def compiled_forward(module: torch.nn.Module, mode: str = "default") -> Callable:
-    """module.forward under torch.compile with static shapes (a new batch shape recompiles)."""
-    return torch.compile(module.forward, mode=mode, dynamic=False)
+    """module.forward compiled for its parameters' device (see compile_for)."""
+    device = next(module.parameters()).device
+    return compile_for(module.forward, mode, device)
 
 
 def _uses_cuda_graphs(mode: str | None) -> bool:
@@ -101,7 +119,7 @@ class StepRunner:
         self.cuda_graphs = _uses_cuda_graphs(mode) and adapter.device.type == "cuda"
         self._call = self._region
         if mode is not None:
-            self._call = torch.compile(self._region, mode=mode, dynamic=False)
+            self._call = compile_for(self._region, mode, adapter.device)
 
     def _region(self, sample: torch.Tensor, timestep, conditioning: Conditioning):
         """(denoiser output [N, ...], E [B] or None, this call's block maps): the compiled unit."""
