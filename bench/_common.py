@@ -403,3 +403,28 @@ def append_csv(path: Path, rows: Sequence[dict[str, object]]) -> None:
         if is_new:
             writer.writeheader()
         writer.writerows(rows)
+
+
+ONE_AXIS = "axes={gender: {concept: gender, classes: [male, female]}}"
+
+
+def audit_grid(model: str, seeds: str, methods: str, steps: int, *extra: str):
+    """An AuditConfig of one profession (doctor) and the gender axis, for the audit benches:
+    one thread, no CLIP (the other half of the engine, not timed here); extra: more
+    `key=value` overrides, applied last."""
+    from biasmap.audit.config import load_config
+
+    return load_config(
+        None,
+        [
+            f"model={model}",
+            "professions=[doctor]",
+            ONE_AXIS,
+            f"seeds={seeds}",
+            f"methods={methods}",
+            f"steps={steps}",
+            "clip_model=null",
+            "threads=1",
+            *extra,
+        ],
+    )

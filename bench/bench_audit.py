@@ -56,31 +56,12 @@ import _common  # noqa: E402
 
 from biasmap import models  # noqa: E402
 from biasmap.audit import executors  # noqa: E402
-from biasmap.audit.config import load_config  # noqa: E402
 from biasmap.audit.runner import BatchGenerator, ResultSink, work_batches  # noqa: E402
 from biasmap.audit.store import ResultsStore  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ONE_AXIS = "axes={gender: {concept: gender, classes: [male, female]}}"
 CASES = ("tiny-batch", "ray-sd15", "gpu-batch")
 DEFAULT_CASES = ("tiny-batch", "ray-sd15")  # gpu-batch is asked for by name
-
-
-def _grid(model: str, seeds: str, methods: str, steps: int, *extra: str):
-    return load_config(
-        None,
-        [
-            f"model={model}",
-            "professions=[doctor]",
-            ONE_AXIS,
-            f"seeds={seeds}",
-            f"methods={methods}",
-            f"steps={steps}",
-            "clip_model=null",  # CLIP is the other half of the engine; not timed here
-            "threads=1",
-            *extra,
-        ],
-    )
 
 
 def _commit_all(batches, run, folder: Path) -> tuple[float, list[dict]]:
@@ -136,14 +117,18 @@ def bench_tiny(
     steps = 2 if quick else 10
     seeds = "0-3" if quick else "0-7"
     methods = "[sd,biasmap]"
-    generator = BatchGenerator(_grid("tiny", seeds, methods, steps), None, threads=threads)
+    generator = BatchGenerator(
+        _common.audit_grid("tiny", seeds, methods, steps), None, threads=threads
+    )
     rates: dict[int, list[float]] = {1: [], 4: []}
     busy: dict[int, list[float]] = {1: [], 4: []}
     images = 0
     with tempfile.TemporaryDirectory() as scratch:
         for round_index in range(repeats):
             for batch_size in (1, 4):
-                config = _grid("tiny", seeds, methods, steps, f"batch_size={batch_size}")
+                config = _common.audit_grid(
+                    "tiny", seeds, methods, steps, f"batch_size={batch_size}"
+                )
                 batches = work_batches(config)
                 folder = Path(scratch) / f"b{batch_size}-{round_index}"
 
@@ -222,7 +207,7 @@ def bench_ray(quick: bool, device: str) -> tuple[list[dict], list[list[str]]]:
         ceilings = [parallel_ceiling(30 if quick else 300)]
         with tempfile.TemporaryDirectory() as scratch:
             for workers in (1, 2):
-                config = _grid(
+                config = _common.audit_grid(
                     model, seeds, methods, steps, f"image_size={image}", "batch_size=1",
                     "executor=ray", f"workers={workers}",
                 )  # fmt: skip

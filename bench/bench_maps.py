@@ -43,31 +43,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from biasmap.audit import stored_maps  # noqa: E402
-from biasmap.audit.config import load_config  # noqa: E402
 from biasmap.audit.runner import BatchGenerator, ResultSink, work_batches  # noqa: E402
 from biasmap.audit.store import ResultsStore  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = ("bytes", "overhead", "report")
-ONE_AXIS = "axes={gender: {concept: gender, classes: [male, female]}}"
 
 
 def _config(model: str, seeds: str, steps: int, *extra: str):
-    return load_config(
-        None,
-        [
-            f"model={model}",
-            "professions=[doctor]",
-            ONE_AXIS,
-            f"seeds={seeds}",
-            "methods=[sd,biasmap]",
-            f"steps={steps}",
-            "clip_model=null",
-            "threads=1",
-            "batch_size=4",
-            *extra,
-        ],
-    )
+    return _common.audit_grid(model, seeds, "[sd,biasmap]", steps, "batch_size=4", *extra)
 
 
 def sd15_bytes_per_image() -> tuple[int, list[str], int]:
