@@ -62,6 +62,7 @@ class Budget:
     unet_channels: tuple[int, int] = (32, 64)
     text_width: int = 48
     lr_unet: float = 1e-3
+    unet_weight_decay: float = 0.0
     checkpoint_every: int = 200
 
 
@@ -112,21 +113,26 @@ def build_clip(text_width: int):
     return CLIPModel(config)
 
 
+def unet_config(channels: tuple[int, int], text_width: int) -> dict:
+    """`UNet2DConditionModel` arguments of the shipped design."""
+    return {
+        "sample_size": IMAGE_SIZE // 2,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 2,
+        "up_block_types": ("CrossAttnUpBlock2D",) * 2,
+        "block_out_channels": tuple(channels),
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "cross_attention_dim": text_width,
+        "attention_head_dim": 4,  # the head count, under diffusers' legacy SD1 name
+    }
+
+
 def build_unet(channels: tuple[int, int], text_width: int):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * 2,
-        up_block_types=("CrossAttnUpBlock2D",) * 2,
-        block_out_channels=tuple(channels),
-        layers_per_block=1,
-        norm_num_groups=8,
-        cross_attention_dim=text_width,
-        attention_head_dim=4,  # the head count, under diffusers' legacy SD1 name
-    )
+    return UNet2DConditionModel(**unet_config(channels, text_width))
 
 
 def noise_schedule_config() -> dict:
@@ -231,8 +237,8 @@ def unet_caption_set() -> list[str]:
     return captions
 
 
-def unet_captions(batch, rng: np.random.Generator) -> list[str]:
-    forms, weights = zip(*UNET_FORMS, strict=True)
+def unet_captions(batch, rng: np.random.Generator, forms=UNET_FORMS) -> list[str]:
+    forms, weights = zip(*forms, strict=True)
     picks = rng.choice(len(forms), size=len(batch.professions), p=weights)
     captions = []
     for i, pick in enumerate(picks):
@@ -464,13 +470,26 @@ def zero_shot_accuracy(clip, tokenizer, seed: int, n: int = 512) -> dict:
     return accuracy
 
 
-def train_unet(out: Path, budget: Budget, seed: int, vae, text_encoder, device: torch.device):
+def train_unet(
+    out: Path,
+    budget: Budget,
+    seed: int,
+    vae,
+    text_encoder,
+    device: torch.device,
+    *,
+    unet_factory=build_unet,
+    forms=UNET_FORMS,
+):
+    """The UNet stage. `unet_factory(channels, text_width)` (called after seeding) and `forms`
+    (caption forms and their probabilities) are open so that bench/planted_ablations.py can
+    train variants of the shipped design."""
     from diffusers import DDPMScheduler
 
     from ..models import clip_tokenizer
 
     torch.manual_seed(seed + 2)
-    unet = build_unet(budget.unet_channels, budget.text_width).to(device)
+    unet = unet_factory(budget.unet_channels, budget.text_width).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = DDPMScheduler(**noise_schedule_config())
     tokenizer = clip_tokenizer()
@@ -484,13 +503,15 @@ def train_unet(out: Path, budget: Budget, seed: int, vae, text_encoder, device: 
         after_text = torch.arange(77)[None, :] >= (lengths - 1)[:, None]
         hidden = torch.where(after_text[..., None].to(device), embeddings[0:1], embeddings)
     index = {c: i for i, c in enumerate(captions)}
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=budget.lr_unet, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        unet.parameters(), lr=budget.lr_unet, weight_decay=budget.unet_weight_decay
+    )
     scale = vae.config.scaling_factor
 
     def step(s: int) -> dict:
         rng, generator = step_rng(seed, "unet", s)
         batch = sample_batch(budget.unet_batch, rng)
-        rows = torch.tensor([index[c] for c in unet_captions(batch, rng)])
+        rows = torch.tensor([index[c] for c in unet_captions(batch, rng, forms)])
         hide = torch.from_numpy(rng.random(len(rows)) < SUMMARY_DROPOUT)[:, None, None]
         condition = torch.where(hide.to(device), hidden[rows], embeddings[rows])
         with torch.no_grad():
