@@ -196,8 +196,7 @@ def _pipeline(train, vae, clip, unet, out: Path, *, pixel: bool):
         train.export(folder, train.build_vae() if pixel else vae, clip, unet)
     pipe = load_pipeline(str(folder / "pipeline"))
     if pixel:
-        pipe.vae = pixel_vae().to(pipe.unet.dtype)
-        pipe.register_modules(vae=pipe.vae)
+        pipe.register_modules(vae=pixel_vae())
     return pipe.to(torch.float32)
 
 
