@@ -45,7 +45,16 @@ VARIANTS = {
     "pixel space (2x2-pooled RGB; no VAE)": {"pixel": True},
     "weight decay 0.1": {"weight_decay": 0.1},
     "weight decay 1.0": {"weight_decay": 1.0},
+    "prototype captions (class names; axis word after)": {"captions": "prototype"},
 }
+
+
+def prototype_caption(profession: str, axis: str | None = None, cls: str | None = None) -> str:
+    """DESIGN.md's prototype caption form with the class names: "A photo of the face of a female
+    nurse, gender female" (the shipped design codes the class: "... nurse and second gender")."""
+    if axis is None:
+        return f"A photo of the face of a {profession}"
+    return f"A photo of the face of a {cls} {profession}, {axis} {cls}"
 
 
 def slug(name: str) -> str:
@@ -163,8 +172,17 @@ def run_variant(name: str, run: Path, work: Path, steps: int, seeds: int) -> dic
         return unet
 
     forms = AXIS_HEAVY_FORMS if options.get("forms") == "axis-heavy" else train.UNET_FORMS
+    prototype = options.get("captions") == "prototype"
     unet, final = train.train_unet(
-        out, budget, 0, vae, tower, device, unet_factory=unet_factory, forms=forms
+        out,
+        budget,
+        0,
+        vae,
+        tower,
+        device,
+        unet_factory=unet_factory,
+        forms=forms,
+        caption_of=prototype_caption if prototype else train.generator_caption,
     )
     pipe = _pipeline(train, vae, clip, unet.cpu(), out, pixel=bool(options.get("pixel")))
     figures = localization(pipe, PROFESSIONS, list(AXES), list(range(seeds)), 20)

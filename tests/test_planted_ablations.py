@@ -116,3 +116,13 @@ def test_cross_attention_recorder_leaves_the_unet_output_unchanged():
     _, heads, probabilities = calls[0]
     assert probabilities.shape == (2 * heads, 256, 77)
     torch.testing.assert_close(probabilities.sum(-1), torch.ones(2 * heads, 256))
+
+
+def test_prototype_caption_variant_names_the_class_and_keeps_the_caption_set_shape():
+    shipped = train.unet_caption_set()
+    prototype = train.unet_caption_set(ablations.prototype_caption)
+    assert len(prototype) == len(shipped) == len(set(prototype))
+    assert "A photo of the face of a female nurse, gender female" in prototype
+    assert "A photo of the face of a Asian chef, race Asian" in prototype
+    assert "A photo of the face of a nurse and second gender" in shipped
+    assert shipped[1] == prototype[1] == "A photo of the face of a firefighter"

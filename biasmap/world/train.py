@@ -227,17 +227,19 @@ def compatibility(batch, named: list[dict]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def unet_caption_set() -> list[str]:
+def unet_caption_set(caption_of=generator_caption) -> list[str]:
     """Every caption the UNet sees: "" and each profession alone or with one axis's class code."""
     captions = [""]
     for profession in PROFESSIONS:
-        captions.append(generator_caption(profession))
+        captions.append(caption_of(profession))
         for axis, classes in AXES.items():
-            captions.extend(generator_caption(profession, axis, c) for c in classes)
+            captions.extend(caption_of(profession, axis, c) for c in classes)
     return captions
 
 
-def unet_captions(batch, rng: np.random.Generator, forms=UNET_FORMS) -> list[str]:
+def unet_captions(
+    batch, rng: np.random.Generator, forms=UNET_FORMS, caption_of=generator_caption
+) -> list[str]:
     forms, weights = zip(*forms, strict=True)
     picks = rng.choice(len(forms), size=len(batch.professions), p=weights)
     captions = []
@@ -248,9 +250,7 @@ def unet_captions(batch, rng: np.random.Generator, forms=UNET_FORMS) -> list[str
             continue
         labels = {"gender": batch.genders[i], "race": batch.races[i]}
         axis = axes[0] if axes else None
-        captions.append(
-            generator_caption(batch.professions[i], axis, labels[axis] if axis else None)
-        )
+        captions.append(caption_of(batch.professions[i], axis, labels[axis] if axis else None))
     return captions
 
 
@@ -480,10 +480,11 @@ def train_unet(
     *,
     unet_factory=build_unet,
     forms=UNET_FORMS,
+    caption_of=generator_caption,
 ):
-    """The UNet stage. `unet_factory(channels, text_width)` (called after seeding) and `forms`
-    (caption forms and their probabilities) are open so that bench/planted_ablations.py can
-    train variants of the shipped design."""
+    """The UNet stage. `unet_factory(channels, text_width)` (called after seeding), `forms`
+    (caption forms and their probabilities) and `caption_of(profession, axis, class)` are open so
+    that bench/planted_ablations.py can train variants of the shipped design."""
     from diffusers import DDPMScheduler
 
     from ..models import clip_tokenizer
@@ -493,7 +494,7 @@ def train_unet(
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = DDPMScheduler(**noise_schedule_config())
     tokenizer = clip_tokenizer()
-    captions = unet_caption_set()
+    captions = unet_caption_set(caption_of)
     with torch.no_grad():
         tokens = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt")
         embeddings = text_encoder(tokens.input_ids)[0].to(device)
@@ -511,7 +512,7 @@ def train_unet(
     def step(s: int) -> dict:
         rng, generator = step_rng(seed, "unet", s)
         batch = sample_batch(budget.unet_batch, rng)
-        rows = torch.tensor([index[c] for c in unet_captions(batch, rng, forms)])
+        rows = torch.tensor([index[c] for c in unet_captions(batch, rng, forms, caption_of)])
         hide = torch.from_numpy(rng.random(len(rows)) < SUMMARY_DROPOUT)[:, None, None]
         condition = torch.where(hide.to(device), hidden[rows], embeddings[rows])
         with torch.no_grad():
