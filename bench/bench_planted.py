@@ -52,6 +52,7 @@ from biasmap.world.validation import (  # noqa: E402
     LOCALIZATION_TARGET,
     appendix_d_summary,
     appendix_e,
+    figures_without_curves,
     localization,
 )
 
@@ -90,10 +91,7 @@ def fingerprint(pipe) -> dict:
     return {
         "seeds": list(FINGERPRINT_SEEDS),
         "steps": FINGERPRINT_STEPS,
-        "figures": {
-            axis: {p: {k: v for k, v in r.items() if k != "curve"} for p, r in per.items()}
-            for axis, per in results.items()
-        },
+        "figures": figures_without_curves(results),
     }
 
 
@@ -330,10 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": args.threads,
         "discovery": discovery.figures,
         "guidance": guidance.figures,
-        "localization": {
-            axis: {p: {k: v for k, v in r.items() if k != "curve"} for p, r in per.items()}
-            for axis, per in localized.items()
-        },
+        "localization": figures_without_curves(localized),
         "mass_in_region_spearman": {
             axis: spearman(
                 [SPEC[p]["entanglement"][axis] for p in per],

@@ -130,7 +130,7 @@ def run_variant(name: str, run: Path, work: Path, steps: int, seeds: int) -> dic
     torch.set_num_threads(1)
     import biasmap.world.train as train
     from biasmap.world.spec import AXES, PROFESSIONS
-    from biasmap.world.validation import localization
+    from biasmap.world.validation import figures_without_curves, localization
 
     options = VARIANTS[name]
     out = work / slug(name)
@@ -193,10 +193,7 @@ def run_variant(name: str, run: Path, work: Path, steps: int, seeds: int) -> dic
         "seeds": seeds,
         "final_loss": final.get("loss"),
         "seconds": round(time.time() - began, 1),
-        "figures": {
-            axis: {p: {k: v for k, v in r.items() if k != "curve"} for p, r in per.items()}
-            for axis, per in figures.items()
-        },
+        "figures": figures_without_curves(figures),
     }
     result_path.write_text(json.dumps(result, indent=2))
     return result
@@ -385,7 +382,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from biasmap.models import load_pipeline
     from biasmap.world.spec import AXES, PROFESSIONS
-    from biasmap.world.validation import localization
+    from biasmap.world.validation import figures_without_curves, localization
 
     torch.set_num_threads(1)
     shipped = load_pipeline("planted")
@@ -394,10 +391,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         0,
         {
             "variant": "shipped model (4000 steps, for reference)",
-            "figures": {
-                axis: {p: {k: v for k, v in r.items() if k != "curve"} for p, r in per.items()}
-                for axis, per in reference.items()
-            },
+            "figures": figures_without_curves(reference),
         },
     )
     heads = per_head_contrast(shipped)

@@ -121,6 +121,14 @@ def localization(
     return results
 
 
+def figures_without_curves(results: dict) -> dict:
+    """`localization`'s results without the Appendix D curves: the per-profession figures."""
+    return {
+        axis: {p: {k: v for k, v in r.items() if k != "curve"} for p, r in per.items()}
+        for axis, per in results.items()
+    }
+
+
 def appendix_d_summary(results: dict) -> dict:
     """Mean Appendix D curves over professions: {"gender (hair)": [[q, recall, precision]],
     "race (face)": ..., "profession (item)": ...}."""
