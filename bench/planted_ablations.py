@@ -34,6 +34,7 @@ RESULTS = ROOT / "bench" / "results"
 # One change each from the shipped design (heads 4, its caption mix, default initialisation,
 # the CLIP's full text tower, the KL-VAE's latents).
 AXIS_HEAVY_FORMS = ((None, 0.1), ((), 0.1), (("gender",), 0.4), (("race",), 0.4))
+AXIS_ONLY_FORMS = ((None, 0.1), (("gender",), 0.45), (("race",), 0.45))
 VARIANTS = {
     "shipped design": {},
     "1 attention head": {"heads": 1},
@@ -46,6 +47,12 @@ VARIANTS = {
     "weight decay 0.1": {"weight_decay": 0.1},
     "weight decay 1.0": {"weight_decay": 1.0},
     "prototype captions (class names; axis word after)": {"captions": "prototype"},
+    "CLIP token embeddings (no text layers)": {"text": "embeddings"},
+    "CLIP token embeddings without positions": {"text": "embeddings-no-position"},
+    # Not a fix (the skew is what RD must find) but a test of why the maps spread: with skewed
+    # classes the hair and face must read the profession word to draw their class.
+    "no skew (uniform classes for every profession)": {"classes": "uniform"},
+    "no skew + 90% axis captions": {"classes": "uniform", "forms": "axis-only"},
 }
 
 
@@ -55,6 +62,19 @@ def prototype_caption(profession: str, axis: str | None = None, cls: str | None 
     if axis is None:
         return f"A photo of the face of a {profession}"
     return f"A photo of the face of a {cls} {profession}, {axis} {cls}"
+
+
+def uniform_batch(n: int, rng):
+    """N portraits like `render.sample_batch`, but with every class equally likely for every
+    profession (the world without its skew)."""
+    from biasmap.world.render import Batch, render_batch
+    from biasmap.world.spec import AXES, PROFESSIONS
+
+    professions = [PROFESSIONS[i] for i in rng.integers(0, len(PROFESSIONS), n)]
+    genders, races = (
+        [classes[i] for i in rng.integers(0, len(classes), n)] for classes in AXES.values()
+    )
+    return Batch(render_batch(professions, genders, races, rng), professions, genders, races)
 
 
 def slug(name: str) -> str:
@@ -116,6 +136,14 @@ def _text_variant(train, clip, kind: str | None):
     elif kind == "first-layer":  # the trained tower's first layer and final layer norm
         config.num_hidden_layers = 1
         del clip.text_model.encoder.layers[1:]
+    elif kind in ("embeddings", "embeddings-no-position"):
+        # The trained token (and position) embeddings and the final layer norm, with no layer
+        # between: each word's state is the word itself, not its context.
+        config.num_hidden_layers = 0
+        del clip.text_model.encoder.layers[:]
+        if kind == "embeddings-no-position":
+            with torch.no_grad():
+                clip.text_model.embeddings.position_embedding.weight.zero_()
     elif kind is not None:
         raise ValueError(f"unknown text variant {kind!r}")
     return train.text_tower(clip), clip
@@ -171,7 +199,9 @@ def run_variant(name: str, run: Path, work: Path, steps: int, seeds: int) -> dic
                         module.to_k.weight.mul_(options["qk_init"])
         return unet
 
-    forms = AXIS_HEAVY_FORMS if options.get("forms") == "axis-heavy" else train.UNET_FORMS
+    forms = {"axis-heavy": AXIS_HEAVY_FORMS, "axis-only": AXIS_ONLY_FORMS}.get(
+        options.get("forms"), train.UNET_FORMS
+    )
     prototype = options.get("captions") == "prototype"
     unet, final = train.train_unet(
         out,
@@ -183,6 +213,7 @@ def run_variant(name: str, run: Path, work: Path, steps: int, seeds: int) -> dic
         unet_factory=unet_factory,
         forms=forms,
         caption_of=prototype_caption if prototype else train.generator_caption,
+        sample=uniform_batch if options.get("classes") == "uniform" else train.sample_batch,
     )
     pipe = _pipeline(train, vae, clip, unet.cpu(), out, pixel=bool(options.get("pixel")))
     figures = localization(pipe, PROFESSIONS, list(AXES), list(range(seeds)), 20)

@@ -43,6 +43,25 @@ def test_first_layer_variant_conditions_on_the_trained_towers_first_layer(clip):
     assert len(clip.text_model.encoder.layers) == 3  # the trained CLIP is left whole
 
 
+def test_embedding_variants_condition_on_each_words_own_embedding(clip):
+    ids = _ids("A photo of the face of a nurse and second gender").input_ids
+    embeddings = clip.text_model.embeddings
+    norm = clip.text_model.final_layer_norm
+    with torch.no_grad():
+        positioned, _ = ablations._text_variant(train, clip, "embeddings")
+        torch.testing.assert_close(
+            positioned(ids)[0],
+            norm(embeddings.token_embedding(ids) + embeddings.position_embedding.weight[:77]),
+        )
+        bare, exported = ablations._text_variant(train, clip, "embeddings-no-position")
+        torch.testing.assert_close(bare(ids)[0], norm(embeddings.token_embedding(ids)))
+        # The same word gives the same state wherever it stands.
+        gender = _ids("gender and a nurse").input_ids
+        torch.testing.assert_close(bare(gender)[0][0, 1], bare(ids)[0][0, 11])
+    assert len(exported.text_model.encoder.layers) == 0
+    assert len(clip.text_model.encoder.layers) == 3
+
+
 def test_random_variant_replaces_the_tower_and_exports_what_the_unet_saw(clip):
     tower, exported = ablations._text_variant(train, clip, "random")
     ids = _ids("A photo of the face of a nurse").input_ids
@@ -126,3 +145,22 @@ def test_prototype_caption_variant_names_the_class_and_keeps_the_caption_set_sha
     assert "A photo of the face of a Asian chef, race Asian" in prototype
     assert "A photo of the face of a nurse and second gender" in shipped
     assert shipped[1] == prototype[1] == "A photo of the face of a firefighter"
+
+
+def test_uniform_batch_draws_every_class_equally_and_renders_its_labels():
+    from biasmap.world.detect import detect
+    from biasmap.world.spec import AXES
+
+    batch = ablations.uniform_batch(4000, np.random.default_rng(0))
+    teachers = [i for i, p in enumerate(batch.professions) if p == "teacher"]
+    # SPEC makes teachers 95% male and 85% white; here every class has its equal share.
+    for axis, labels in (("gender", batch.genders), ("race", batch.races)):
+        shares = [np.mean([labels[i] == c for i in teachers]) for c in AXES[axis]]
+        assert shares == pytest.approx([1 / len(AXES[axis])] * len(AXES[axis]), abs=0.06)
+    for i in range(8):
+        found = detect(batch.images[i])
+        assert (found.profession, found.gender, found.race) == (
+            batch.professions[i],
+            batch.genders[i],
+            batch.races[i],
+        )
