@@ -53,6 +53,9 @@ VARIANTS = {
     # classes the hair and face must read the profession word to draw their class.
     "no skew (uniform classes for every profession)": {"classes": "uniform"},
     "no skew + 90% axis captions": {"classes": "uniform", "forms": "axis-only"},
+    # Deeper UNets: SD's maps localize best one level above its lowest.
+    "3 levels (channels 32 64 64)": {"levels": "attention-everywhere"},
+    "3 levels with SD's layout (no attention at the lowest)": {"levels": "sd"},
 }
 
 
@@ -190,6 +193,11 @@ def run_variant(name: str, run: Path, work: Path, steps: int, seeds: int) -> dic
             config["attention_head_dim"] = options["heads"]
         if options.get("pixel"):
             config["in_channels"] = config["out_channels"] = 3
+        if "levels" in options:
+            config["block_out_channels"] = (*channels, channels[-1])
+            attention = ("CrossAttn", "CrossAttn", "CrossAttn" if options["levels"] != "sd" else "")
+            config["down_block_types"] = tuple(f"{a}DownBlock2D" for a in attention)
+            config["up_block_types"] = tuple(f"{a}UpBlock2D" for a in reversed(attention))
         unet = UNet2DConditionModel(**config)
         if "qk_init" in options:
             with torch.no_grad():
@@ -323,6 +331,43 @@ def per_head_contrast(pipe, seeds: int = 2, steps: int = 20) -> dict:
     }
 
 
+WORD_STATE_PAIRS = (
+    # (label, (prompt, word), (prompt, word))
+    (
+        '"gender" and "race" after the same prefix',
+        ("A photo of the face of a nurse and second gender", "gender"),
+        ("A photo of the face of a nurse and second race", "race"),
+    ),
+    (
+        '"gender" in the training caption and in the attribution prompt',
+        ("A photo of the face of a nurse and second gender", "gender"),
+        ("A photo of the face of a nurse and gender", "gender"),
+    ),
+    (
+        '"gender" in the attribution prompt and alone',
+        ("A photo of the face of a nurse and gender", "gender"),
+        ("gender", "gender"),
+    ),
+)
+
+
+def word_state_cosines(pipe) -> dict[str, float]:
+    """Cosine similarity of the pipeline text encoder's states [D] of a word in two prompts,
+    for each pair of WORD_STATE_PAIRS: whether a state says which word it is or where it is."""
+    import torch
+
+    def state(prompt: str, word: str):
+        ids = pipe.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt")
+        index = ids.input_ids[0].tolist().index(pipe.tokenizer.convert_tokens_to_ids(f"{word}</w>"))
+        with torch.no_grad():
+            return pipe.text_encoder(ids.input_ids)[0][0, index].float()
+
+    return {
+        label: float(torch.nn.functional.cosine_similarity(state(*a), state(*b), dim=0))
+        for label, a, b in WORD_STATE_PAIRS
+    }
+
+
 def _summary(result: dict) -> dict:
     """{axis: Spearman of mIoU with the planted entanglement, and mean contrasts and peaks}."""
     import numpy as np
@@ -344,7 +389,9 @@ def _summary(result: dict) -> dict:
     return rows
 
 
-def _markdown(results: list[dict], heads: dict, command: str, steps: int, seeds: int) -> str:
+def _markdown(
+    results: list[dict], heads: dict, states: dict, command: str, steps: int, seeds: int
+) -> str:
     lines = [
         "# Planted world: UNet-stage ablations",
         "",
@@ -383,6 +430,17 @@ def _markdown(results: list[dict], heads: dict, command: str, steps: int, seeds:
             f"| {block} | {' / '.join(f'{v:.2f}' for v in heads['gender'][block])} | "
             f"{' / '.join(f'{v:.2f}' for v in heads['profession'][block])} |"
         )
+    lines += [
+        "",
+        "## Word states of the shipped text tower",
+        "",
+        "Cosine similarity of the pipeline's text-encoder states (what the UNet's keys are made "
+        "from) of one word in two prompts:",
+        "",
+        "| states | cosine |",
+        "|---|---|",
+        *(f"| {label} | {value:.2f} |" for label, value in states.items()),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -426,13 +484,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         },
     )
     heads = per_head_contrast(shipped)
+    states = word_state_cosines(shipped)
     command = " ".join(
         [
             "PYTHONPATH=. python bench/planted_ablations.py",
             *(sys.argv[1:] if argv is None else argv),
         ]
     )
-    text = _markdown(results, heads, command, args.steps, args.seeds)
+    text = _markdown(results, heads, states, command, args.steps, args.seeds)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / "planted_ablations.md").write_text(text)
     print(text)

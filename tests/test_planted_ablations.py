@@ -164,3 +164,23 @@ def test_uniform_batch_draws_every_class_equally_and_renders_its_labels():
             batch.genders[i],
             batch.races[i],
         )
+
+
+def test_word_state_cosines_are_one_for_word_only_states_and_below_one_in_context(clip):
+    from types import SimpleNamespace
+
+    from biasmap.models import clip_tokenizer
+
+    def cosines(kind):
+        tower, _ = ablations._text_variant(train, clip, kind)
+        return ablations.word_state_cosines(
+            SimpleNamespace(tokenizer=clip_tokenizer(), text_encoder=tower)
+        )
+
+    word_only = cosines("embeddings-no-position")
+    assert len(word_only) == len(ablations.WORD_STATE_PAIRS)
+    labels = [label for label, *_ in ablations.WORD_STATE_PAIRS]
+    assert word_only[labels[1]] == pytest.approx(1.0) and word_only[labels[2]] == pytest.approx(1.0)
+    assert word_only[labels[0]] < 0.99  # two different words
+    in_context = cosines(None)
+    assert in_context[labels[2]] < 0.99  # the full tower mixes in the prefix
