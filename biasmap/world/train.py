@@ -481,12 +481,13 @@ def train_unet(
     unet_factory=build_unet,
     forms=UNET_FORMS,
     caption_of=generator_caption,
-    sample=sample_batch,
+    sample=None,
 ):
     """The UNet stage. `unet_factory(channels, text_width)` (called after seeding), `forms`
     (caption forms and their probabilities), `caption_of(profession, axis, class)` and
-    `sample(n, rng)` (the training images and labels) are open so that
-    bench/planted_ablations.py can train variants of the shipped design."""
+    `sample(n, rng)` (the training images and labels; default `render.sample_batch`, looked up
+    when each step runs) are open so that bench/planted_ablations.py can train variants of the
+    shipped design."""
     from diffusers import DDPMScheduler
 
     from ..models import clip_tokenizer
@@ -513,7 +514,7 @@ def train_unet(
 
     def step(s: int) -> dict:
         rng, generator = step_rng(seed, "unet", s)
-        batch = sample(budget.unet_batch, rng)
+        batch = (sample or sample_batch)(budget.unet_batch, rng)
         rows = torch.tensor([index[c] for c in unet_captions(batch, rng, forms, caption_of)])
         hide = torch.from_numpy(rng.random(len(rows)) < SUMMARY_DROPOUT)[:, None, None]
         condition = torch.where(hide.to(device), hidden[rows], embeddings[rows])
