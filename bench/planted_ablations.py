@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 
 # One change each from the shipped design (heads 4, its caption mix, default initialisation,
-# the CLIP's full text tower, the KL-VAE's latents).
+# the CLIP's full text tower, the KL-VAE's latents, the skewed classes, two UNet levels).
 AXIS_HEAVY_FORMS = ((None, 0.1), ((), 0.1), (("gender",), 0.4), (("race",), 0.4))
 AXIS_ONLY_FORMS = ((None, 0.1), (("gender",), 0.45), (("race",), 0.45))
 VARIANTS = {
@@ -221,7 +221,7 @@ def run_variant(name: str, run: Path, work: Path, steps: int, seeds: int) -> dic
         unet_factory=unet_factory,
         forms=forms,
         caption_of=prototype_caption if prototype else train.generator_caption,
-        sample=uniform_batch if options.get("classes") == "uniform" else train.sample_batch,
+        sample=uniform_batch if options.get("classes") == "uniform" else None,
     )
     pipe = _pipeline(train, vae, clip, unet.cpu(), out, pixel=bool(options.get("pixel")))
     figures = localization(pipe, PROFESSIONS, list(AXES), list(range(seeds)), 20)
