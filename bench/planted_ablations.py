@@ -278,6 +278,7 @@ def per_head_contrast(pipe, seeds: int = 2, steps: int = 20) -> dict:
     import numpy as np
     import torch
 
+    from biasmap.discovery.tokens import concept_positions
     from biasmap.world.render import cue_masks
     from biasmap.world.spec import PROFESSIONS, generator_caption
     from biasmap.world.validation import truth_at
@@ -297,10 +298,9 @@ def per_head_contrast(pipe, seeds: int = 2, steps: int = 20) -> dict:
     sums: dict = {"gender": {}, "profession": {}}
     for profession in PROFESSIONS:
         prompt = generator_caption(profession, "gender", "female")
-        ids = pipe.tokenizer(prompt).input_ids
-        length = len(ids)
-        # "... of a nurse and second gender <|endoftext|>"
-        positions = {"gender": length - 2, "profession": length - 5}
+        tokens = concept_positions(pipe.tokenizer, prompt, ["gender", profession])
+        length = tokens.num_real_tokens
+        positions = {"gender": tokens.positions[0][0], "profession": tokens.positions[1][0]}
         calls.clear()
         pipe(
             prompt,
@@ -356,9 +356,11 @@ def word_state_cosines(pipe) -> dict[str, float]:
     for each pair of WORD_STATE_PAIRS: whether a state says which word it is or where it is."""
     import torch
 
+    from biasmap.discovery.tokens import concept_positions
+
     def state(prompt: str, word: str):
         ids = pipe.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt")
-        index = ids.input_ids[0].tolist().index(pipe.tokenizer.convert_tokens_to_ids(f"{word}</w>"))
+        ((index,),) = concept_positions(pipe.tokenizer, prompt, [word]).positions
         with torch.no_grad():
             return pipe.text_encoder(ids.input_ids)[0][0, index].float()
 
